@@ -1,0 +1,66 @@
+# driftloop: the front door. `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules --warn-undefined-variables
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+DRIFTLOOP := $(VENV)/bin/driftloop
+PYTEST_ARGS ?=
+
+##@ Start here
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)} \
+	  /^[a-zA-Z_-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: demo
+demo: install ## Run the loop on this machine: data, features, Prefect training, gate, registry
+	$(DRIFTLOOP) data generate
+	$(DRIFTLOOP) features apply
+	$(DRIFTLOOP) features materialize
+	$(DRIFTLOOP) train --engine prefect
+	$(DRIFTLOOP) config
+	@echo "Next: 'make ui' opens MLflow (runs, model, aliases) on http://127.0.0.1:5000"
+
+.PHONY: test
+test: install ## Install everything pinned and run the whole test suite
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+##@ Development
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+.PHONY: install
+install: $(UV) ## Create .venv from uv.lock (pinned, nothing resolved anew)
+	$(UV) sync --frozen --python $(PYTHON)
+
+.PHONY: lock
+lock: $(UV) ## Re-resolve uv.lock after editing pyproject.toml
+	$(UV) lock
+
+.PHONY: lint
+lint: install ## Ruff over the code and tests
+	$(VENV)/bin/ruff check driftloop pipelines serving monitoring feature_repo tests
+
+.PHONY: ui
+ui: install ## MLflow UI on the local store (runs, registered model, aliases)
+	$(DRIFTLOOP) ui
+
+.PHONY: pipeline
+pipeline: install ## Compile the KFP v2 pipeline to pipeline.yaml
+	$(DRIFTLOOP) pipeline compile --out pipeline.yaml
+
+##@ Clean-up
+.PHONY: clean
+clean: ## Remove local state (data, stores, runs, models) and compiled pipelines
+	rm -rf .driftloop pipeline.yaml
+
+.PHONY: distclean
+distclean: clean ## Also remove the virtual environment and tools
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache

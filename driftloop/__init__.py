@@ -1,0 +1,1 @@
+"""driftloop's shared core: settings, data contracts and the CLI."""

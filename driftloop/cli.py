@@ -1,0 +1,288 @@
+"""``driftloop``: one CLI, the same locally, in CI, in the container and as a pipeline step.
+
+Commands build settings once, call the plain step functions and print a short summary. Known failures
+end with one clear ``error:`` line and exit code 1; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from driftloop.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="driftloop: the whole production ML loop.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Generate the reference use case's data.", no_args_is_help=True)
+features_app = typer.Typer(help="The Feast feature store.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="Pipeline definitions for orchestrators.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
+app.add_typer(pipeline_app, name="pipeline")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message tells the user what to do: printed as one line, not a traceback."""
+    from pipelines.steps.features import FeatureStoreError
+    from pipelines.steps.tracking import TrackingError
+    from pipelines.steps.validate import DataValidationError
+
+    return (SettingsError, FeatureStoreError, TrackingError, DataValidationError, FileNotFoundError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as error:
+        if isinstance(error, _user_errors()):
+            fail(str(error))
+        raise
+
+
+def settings_or_fail() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as error:
+        fail(str(error))
+
+
+def quiet_libraries() -> None:
+    """Third-party INFO chatter would bury the summary; warnings still show."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("mlflow", "feast", "alembic", "kfp", "prefect", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "pip version" noise in uv venvs
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(GPU|pkg_resources).*")
+
+
+def table(title: str, rows: dict[str, Any]) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left", title_style="bold")
+    t.add_column(style="cyan", no_wrap=True)
+    t.add_column(overflow="fold")
+    for k, v in rows.items():
+        t.add_row(k, str(v))
+    return t
+
+
+# config ---------------------------------------------------------------------------------------------
+@app.command("config")
+def config_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False) -> None:
+    """Print the resolved settings: the profile and where every store lives."""
+    settings = settings_or_fail()
+    locations = settings.locations()
+    if as_json:
+        typer.echo(json.dumps(locations, indent=2))
+    else:
+        out.print(table(f"driftloop settings (profile: {settings.profile})", locations))
+
+
+# data -----------------------------------------------------------------------------------------------
+class DriftKind(StrEnum):
+    none = "none"
+    covariate = "covariate"
+    concept = "concept"
+    quality = "quality"
+
+
+@data_app.command("generate")
+def data_generate(
+    rows: Annotated[int, typer.Option(min=1, help="transactions")] = 50_000,
+    customers: Annotated[int, typer.Option(min=1)] = 2_000,
+    merchants: Annotated[int, typer.Option(min=1)] = 200,
+    days: Annotated[int, typer.Option(min=2, help="days of history")] = 60,
+    end_date: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="last day (default today, UTC)")] = None,
+    seed: Annotated[int, typer.Option()] = 7,
+    drift: Annotated[DriftKind, typer.Option(help="inject drift into the last --drift-days")] = DriftKind.none,
+    drift_days: Annotated[int, typer.Option(min=0, help="0: the whole range")] = 7,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="default: the data dir")] = None,
+) -> None:
+    """Write customers, merchants and transactions as Parquet (seeded, deterministic)."""
+    from pipelines.steps.ingest import GeneratorConfig, generate_to
+
+    settings = settings_or_fail()
+    with user_errors():
+        cfg = GeneratorConfig(rows=rows, customers=customers, merchants=merchants, days=days,
+                              end=end_date.date() if end_date else None, seed=seed, drift=drift.value,
+                              drift_days=drift_days)
+        t0 = time.perf_counter()
+        summary = generate_to(cfg, out_dir or settings.data_path)
+    out.print(table(f"generated in {time.perf_counter() - t0:.1f}s", {
+        "transactions": f"{summary['transactions']:,} ({summary['from'][:10]} .. {summary['to'][:10]})",
+        "customers / merchants": f"{summary['customers']:,} / {summary['merchants']:,}",
+        "fraud rate": f"{summary['fraud_rate']:.2%}",
+        "drift": f"{drift.value}" + (f" (last {drift_days} days)" if drift.value != "none" else ""),
+        **{f"{name} file": path for name, path in summary["paths"].items()},
+    }))
+
+
+# features -------------------------------------------------------------------------------------------
+@features_app.command("apply")
+def features_apply() -> None:
+    """Register the entities, feature views and FeatureService in the Feast registry."""
+    from pipelines.steps import features
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    with user_errors():
+        names = features.apply(settings)
+    out.print(table("feast apply", {"registry": settings.feast_variables()["DRIFTLOOP_FEAST_REGISTRY"],
+                                    "objects": ", ".join(names)}))
+
+
+@features_app.command("materialize")
+def features_materialize() -> None:
+    """Load the latest feature values into the online store."""
+    from pipelines.steps import features
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    t0 = time.perf_counter()
+    with user_errors():
+        result = features.materialize(settings)
+    out.print(table(f"materialized in {time.perf_counter() - t0:.1f}s", {
+        "views": ", ".join(result["views"]), "window": f"{result['from'][:19]} .. {result['to'][:19]}",
+        "online store": settings.locations()["feast_online_store"]}))
+
+
+# train ----------------------------------------------------------------------------------------------
+class Engine(StrEnum):
+    local = "local"
+    prefect = "prefect"
+    kfp = "kfp"
+
+
+def _progress(step: str, what: str) -> None:
+    err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [cyan]{step:<9}[/] {what}", highlight=False)
+
+
+@app.command("train")
+def train_cmd(
+    engine: Annotated[Engine, typer.Option(help="who runs the steps")] = Engine.local,
+    n_estimators: Annotated[int, typer.Option(min=1)] = 300,
+    max_depth: Annotated[int, typer.Option(min=1)] = 5,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 0.08,
+    min_auc: Annotated[float, typer.Option(help="gate: absolute AUC floor")] = 0.70,
+    margin: Annotated[float, typer.Option(help="gate: AUC margin over the champion")] = 0.002,
+    slice_tolerance: Annotated[float, typer.Option(help="gate: allowed per-slice AUC drop")] = 0.03,
+    as_of: Annotated[datetime | None, typer.Option(help="use labels that arrived by then (default now)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Build the training set, validate, train, evaluate and gate; register the model."""
+    from pipelines.steps.register import GatePolicy
+    from pipelines.steps.train import TrainParams
+    from pipelines.training import TrainingConfig
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    config = TrainingConfig(
+        params=TrainParams(n_estimators=n_estimators, max_depth=max_depth, learning_rate=learning_rate,
+                           device=settings.device),
+        gate=GatePolicy(min_auc=min_auc, margin=margin, slice_tolerance=slice_tolerance),
+        as_of=as_of.replace(tzinfo=as_of.tzinfo or UTC) if as_of else None,
+    )
+    t0 = time.perf_counter()
+    with user_errors():
+        result = _run_engine(engine, settings, config)
+    seconds = time.perf_counter() - t0
+    if as_json:
+        typer.echo(json.dumps({**result, "engine": engine.value, "seconds": round(seconds, 2)}, default=str))
+        return
+    decision = result["decision"]
+    metrics = result["metrics"]
+    verdict = "[green]promoted to champion[/]" if decision["promoted"] else "[yellow]kept as challenger[/]"
+    out.print(table(f"trained with engine={engine.value} in {seconds:.1f}s", {
+        "training set": f"{result['training_set']['rows']:,} rows, fingerprint {result['training_set']['fingerprint']}",
+        "MLflow run": result["run_id"],
+        "holdout AUC": f"{metrics['auc']:.4f} (PR-AUC {metrics['average_precision']:.4f})",
+        "slice AUC": ", ".join(f"{k} {v:.3f}" for k, v in metrics["slices"].items()),
+        "model": f"{settings.model_name} v{decision['version']}",
+        "decision": f"{verdict}: {decision['reason']}",
+    }))
+
+
+def _run_engine(engine: Engine, settings: Settings, config: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from pipelines import training
+
+    if engine is Engine.local:
+        return training.run_local(settings, config, progress=_progress).as_dict()
+    if engine is Engine.prefect:
+        os.environ.update(training.prefect_environment(settings))
+        from pipelines.prefect_flow import run_prefect
+
+        _progress("prefect", "starting the flow (a local ephemeral server unless PREFECT_API_URL is set)")
+        return asdict(run_prefect(settings, config))
+    from pipelines.kfp_pipeline import run_kfp_local
+
+    _progress("kfp", "running the pipeline with kfp.local (one subprocess per component)")
+    return run_kfp_local(settings, config)
+
+
+# pipeline -------------------------------------------------------------------------------------------
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out_path: Annotated[Path, typer.Option("--out", help="where to write the KFP v2 pipeline YAML")] = Path(
+        "pipeline.yaml"),
+) -> None:
+    """Write the KFP v2 training pipeline (components run the project image)."""
+    from pipelines.kfp_pipeline import compile_pipeline
+
+    settings = settings_or_fail()
+    with user_errors():
+        path = compile_pipeline(settings, out_path)
+    out.print(table("compiled KFP v2 pipeline", {"file": path, "image": settings.image,
+                                                 "upload": "KFP UI > Pipelines > Upload, or `make submit-pipeline`"}))
+
+
+# ui -------------------------------------------------------------------------------------------------
+@app.command("ui")
+def ui_cmd(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 5000,
+) -> None:
+    """Serve the MLflow UI on the configured store (runs, the registered model and its aliases)."""
+    settings = settings_or_fail()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", host, "--port", str(port),
+               "--backend-store-uri", settings.tracking_uri]
+    if settings.artifact_root:
+        command += ["--default-artifact-root", settings.artifact_root]
+    if settings.tracking_uri.startswith("sqlite:///"):
+        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    store = settings.locations()["mlflow_tracking_uri"]
+    out.print(f"MLflow UI on http://{host}:{port} (store: {store}); Ctrl-C stops it")
+    os.execv(command[0], command)  # noqa: S606 - replace this process: signals go straight to the server
+
+
+def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
+    return app(args=argv)
+
+
+

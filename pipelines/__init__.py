@@ -1,0 +1,1 @@
+"""Training pipelines: plain step functions (``steps``) and thin Prefect and KFP adapters over them."""

@@ -1,0 +1,157 @@
+"""The training pipeline as a Kubeflow Pipelines v2 pipeline over the same step functions.
+
+Each component runs in the project image (kfp is already installed there, so
+``install_kfp_package=False`` keeps it offline) and its body is one call to ``run_step``, which calls
+``pipelines.training``. Components pass JSON strings (URIs, ids, small records), never objects.
+"""
+
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from driftloop.settings import Settings, load_settings
+from pipelines import training
+from pipelines.steps.features import TrainingSet
+from pipelines.steps.register import GatePolicy
+from pipelines.steps.train import TrainParams
+from pipelines.steps.validate import ValidationPolicy
+from pipelines.training import TrainingConfig
+
+PIPELINE_NAME = "driftloop-training"
+
+
+def config_to_json(config: TrainingConfig) -> str:
+    data = asdict(config)
+    data["as_of"] = config.as_of.isoformat() if config.as_of else ""
+    return json.dumps(data)
+
+
+def config_from_json(text: str) -> TrainingConfig:
+    data = json.loads(text or "{}")
+    return TrainingConfig(
+        params=TrainParams(**data.get("params", {})),
+        gate=GatePolicy(**data.get("gate", {})),
+        validation=ValidationPolicy(**data.get("validation", {})),
+        as_of=datetime.fromisoformat(data["as_of"]) if data.get("as_of") else None,
+    )
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(asdict(value) if is_dataclass(value) else value)
+
+
+def run_step(step: str, settings: Settings | None = None, **args: str) -> str:
+    """One pipeline step from JSON-string arguments to a JSON-string result (a component's body)."""
+    settings = settings or load_settings()
+    config = config_from_json(args.get("config_json", ""))
+    if step == "features":
+        return _dump(training.features(settings, config.as_of))
+    training_set = TrainingSet(**json.loads(args["training_set"])) if "training_set" in args else None
+    if step == "validate":
+        return _dump(training.validate(settings, training_set.uri, config.validation))
+    if step == "train":
+        return json.dumps(training.train(settings, training_set, config.params))
+    run_id = json.loads(args["run_id"])
+    if step == "evaluate":
+        return _dump(training.evaluate(settings, run_id))
+    if step == "register":
+        return _dump(training.register(settings, run_id, config.gate))
+    raise ValueError(f"unknown step {step!r}; steps are {', '.join(training.STEPS)}")
+
+
+# Component bodies: KFP ships each function's source to the container, so each imports what it runs.
+def features_component(config_json: str) -> str:
+    from pipelines.kfp_pipeline import run_step
+
+    return run_step("features", config_json=config_json)
+
+
+def validate_component(training_set: str, config_json: str) -> str:
+    from pipelines.kfp_pipeline import run_step
+
+    return run_step("validate", training_set=training_set, config_json=config_json)
+
+
+def train_component(training_set: str, config_json: str) -> str:
+    from pipelines.kfp_pipeline import run_step
+
+    return run_step("train", training_set=training_set, config_json=config_json)
+
+
+def evaluate_component(run_id: str) -> str:
+    from pipelines.kfp_pipeline import run_step
+
+    return run_step("evaluate", run_id=run_id)
+
+
+def register_component(run_id: str, config_json: str) -> str:
+    from pipelines.kfp_pipeline import run_step
+
+    return run_step("register", run_id=run_id, config_json=config_json)
+
+
+def build_pipeline(image: str, env: Mapping[str, str] | None = None) -> Callable:
+    """The pipeline function, its components running ``image`` with ``env`` set in each container."""
+    from kfp import dsl
+
+    def component(fn: Callable) -> Callable:
+        return dsl.component(fn, base_image=image, install_kfp_package=False)
+
+    features_op, validate_op, train_op, evaluate_op, register_op = map(component, (
+        features_component, validate_component, train_component, evaluate_component, register_component,
+    ))
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Feast training set -> validate -> XGBoost -> evaluate -> gate")
+    def pipeline(config_json: str = "{}") -> str:
+        features = features_op(config_json=config_json)
+        validated = validate_op(training_set=features.output, config_json=config_json)
+        trained = train_op(training_set=features.output, config_json=config_json).after(validated)
+        evaluated = evaluate_op(run_id=trained.output)
+        registered = register_op(run_id=trained.output, config_json=config_json).after(evaluated)
+        for task in (features, validated, trained, evaluated, registered):
+            task.set_caching_options(False)  # data steps must see today's data
+            for name, value in (env or {}).items():
+                task.set_env_variable(name, value)
+        return registered.output
+
+    return pipeline
+
+
+def cluster_env(settings: Settings) -> dict[str, str]:
+    """Settings a cluster's component needs that hold no secret (those come from the pod's secrets)."""
+    return {
+        "DRIFTLOOP_PROFILE": settings.profile,
+        "DRIFTLOOP_MODEL_NAME": settings.model_name,
+        "DRIFTLOOP_FEATURE_SERVICE": settings.feature_service,
+        "DRIFTLOOP_EXPERIMENT": settings.experiment,
+        **({"DRIFTLOOP_MLFLOW_TRACKING_URI": settings.tracking_uri} if settings.profile == "cluster" else {}),
+        **({"DRIFTLOOP_DATA_DIR": settings.data_path} if settings.profile == "cluster" else {}),
+    }
+
+
+def compile_pipeline(settings: Settings, out: Path) -> Path:
+    """Write the KFP v2 pipeline spec (YAML) that a KFP 2.x server accepts."""
+    from kfp import compiler
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(settings.image, cluster_env(settings)), str(out))
+    return out
+
+
+def run_kfp_local(settings: Settings, config: TrainingConfig) -> dict:
+    """Run the pipeline with ``kfp.local`` (subprocesses, this interpreter, no network)."""
+    from kfp import local
+
+    root = settings.state / "kfp"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               workspace_root=str(root / "workspace"))
+    (root / "workspace").mkdir(parents=True, exist_ok=True)
+    task = build_pipeline(settings.image)(config_json=config_to_json(config))
+    return training.summary_of_run(settings, json.loads(task.output), engine="kfp")
+
+
+

@@ -1,0 +1,36 @@
+"""The training pipeline as a Prefect flow: a few lines per step over ``pipelines.training``.
+
+Data steps never cache (``NO_CACHE``): a rerun must read today's data. Retries only where a retry can
+help (store reads, the training run); validation and registration are not retried, since bad data stays
+bad and a registration must happen once.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from driftloop.settings import Settings
+from pipelines import training
+from pipelines.training import TrainingConfig, TrainingResult
+
+features = task(training.features, name="features", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+validate = task(training.validate, name="validate", cache_policy=NO_CACHE)
+train = task(training.train, name="train", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+evaluate = task(training.evaluate, name="evaluate", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+register = task(training.register, name="register", cache_policy=NO_CACHE)
+
+
+@flow(name="driftloop-training", validate_parameters=False)
+def training_flow(settings: Settings, config: TrainingConfig) -> TrainingResult:
+    training_set = features(settings, config.as_of)
+    report = validate(settings, training_set.uri, config.validation)
+    run_id = train(settings, training_set, config.params)
+    metrics = evaluate(settings, run_id)
+    decision = register(settings, run_id, config.gate)
+    return TrainingResult("prefect", training_set, report, run_id, metrics, decision)
+
+
+def run_prefect(settings: Settings, config: TrainingConfig) -> TrainingResult:
+    """Run the flow; call with ``prefect_environment`` already in ``os.environ``."""
+    return training_flow(settings, config)

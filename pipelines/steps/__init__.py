@@ -1,0 +1,1 @@
+"""Pipeline steps as plain typed functions; nothing here imports Prefect or KFP."""

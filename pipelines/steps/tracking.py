@@ -1,0 +1,61 @@
+"""Tracking: one place that points MLflow at the configured store, with timeouts, and checks it answers."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from driftloop.settings import Settings
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says what to check."""
+
+
+def check_reachable(settings: Settings) -> None:
+    """Fail fast, with a clear message, when the tracking store is not there."""
+    uri = settings.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=settings.mlflow_timeout_s):  # noqa: S310
+                return
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({err}). Start it, or point "
+                "DRIFTLOOP_MLFLOW_TRACKING_URI at a running one."
+            ) from err
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"cannot create the MLflow store's directory {db.parent}: {err}") from err
+
+
+def configure(settings: Settings) -> MlflowClient:
+    """Point MLflow at the store (tracking and registry), with request timeouts; return a client.
+
+    MLflow reads its HTTP timeouts from the environment, so they are set here, at the edge.
+    """
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(settings.mlflow_timeout_s))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.mlflow_retries)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    check_reachable(settings)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is None:
+        try:
+            client.create_experiment(settings.experiment, artifact_location=settings.artifact_root)
+        except MlflowException as err:  # another process created it first
+            if "already exists" not in str(err).lower() and "unique" not in str(err).lower():
+                raise
+    mlflow.set_experiment(settings.experiment)
+    return client

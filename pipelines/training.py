@@ -1,0 +1,138 @@
+"""The training pipeline: its five steps bound to settings, and the in-process (``local``) engine.
+
+Each function here takes settings plus ids/URIs and returns ids/URIs or small records, so the same
+function is a CLI command, a Prefect task and a KFP component body. The Prefect flow and the KFP
+pipeline call exactly these.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from driftloop.settings import Settings
+from pipelines.steps import evaluate as evaluate_step
+from pipelines.steps import features as features_step
+from pipelines.steps import register as register_step
+from pipelines.steps import tracking
+from pipelines.steps import train as train_step
+from pipelines.steps import validate as validate_step
+from pipelines.steps.evaluate import Metrics
+from pipelines.steps.features import TrainingSet
+from pipelines.steps.register import Decision, GatePolicy
+from pipelines.steps.train import TrainParams
+from pipelines.steps.validate import ValidationPolicy, ValidationReport
+
+STEPS = ("features", "validate", "train", "evaluate", "register")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything a training run takes besides where the stores are."""
+
+    params: TrainParams = field(default_factory=TrainParams)
+    gate: GatePolicy = field(default_factory=GatePolicy)
+    validation: ValidationPolicy = field(default_factory=ValidationPolicy)
+    as_of: datetime | None = None  # labels that arrived by then; default now
+
+
+@dataclass
+class TrainingResult:
+    engine: str
+    training_set: TrainingSet
+    validation: ValidationReport
+    run_id: str
+    metrics: Metrics
+    decision: Decision
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def features(settings: Settings, as_of: datetime | None = None) -> TrainingSet:
+    return features_step.build_training_set(settings, as_of=as_of)
+
+
+def validate(settings: Settings, dataset_uri: str, policy: ValidationPolicy = ValidationPolicy()) -> ValidationReport:
+    del settings  # validation needs no store; the argument keeps every step's signature alike
+    return validate_step.validate_training_set(dataset_uri, policy)
+
+
+def train(settings: Settings, training_set: TrainingSet, params: TrainParams = TrainParams()) -> str:
+    tracking.configure(settings)
+    return train_step.train(training_set.uri, training_set.feature_service, training_set.fingerprint, params)
+
+
+def evaluate(settings: Settings, run_id: str) -> Metrics:
+    tracking.configure(settings)
+    return evaluate_step.evaluate(run_id)
+
+
+def register(settings: Settings, run_id: str, gate: GatePolicy = GatePolicy()) -> Decision:
+    client = tracking.configure(settings)
+    return register_step.register(client, run_id, settings.model_name, gate)
+
+
+def summary_of_run(settings: Settings, decision: dict, engine: str) -> dict:
+    """A finished run's result, read back from MLflow: for engines whose steps ran elsewhere."""
+    import mlflow
+
+    tracking.configure(settings)
+    run = mlflow.get_run(decision["run_id"])
+    tags, metrics = run.data.tags, run.data.metrics
+    return {
+        "engine": engine,
+        "training_set": {"uri": tags[train_step.TAG_DATASET], "fingerprint": tags[train_step.TAG_FINGERPRINT],
+                         "feature_service": tags[train_step.TAG_FEATURE_SERVICE],
+                         "rows": int(metrics["train_rows"] + metrics["holdout_rows"])},
+        "run_id": decision["run_id"],
+        "metrics": mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/evaluation.json"),
+        "decision": decision,
+    }
+
+
+Progress = Callable[[str, str], None]  # (step, "start" | "done: …")
+
+
+def run_local(settings: Settings, config: TrainingConfig = TrainingConfig(),
+              progress: Progress | None = None) -> TrainingResult:
+    """Run the five steps in this process, in order; each step's wall time is recorded."""
+    say = progress or (lambda step, what: None)
+    seconds: dict[str, float] = {}
+
+    def timed(step: str, fn: Callable, *args):
+        say(step, "start")
+        t0 = time.perf_counter()
+        out = fn(*args)
+        seconds[step] = round(time.perf_counter() - t0, 2)
+        say(step, f"done in {seconds[step]:.1f}s")
+        return out
+
+    tracking.configure(settings)  # fail fast on an unreachable store, before any work
+    training_set = timed("features", features, settings, config.as_of)
+    report = timed("validate", validate, settings, training_set.uri, config.validation)
+    run_id = timed("train", train, settings, training_set, config.params)
+    metrics = timed("evaluate", evaluate, settings, run_id)
+    decision = timed("register", register, settings, run_id, config.gate)
+    return TrainingResult("local", training_set, report, run_id, metrics, decision, seconds)
+
+
+def prefect_environment(settings: Settings) -> dict[str, str]:
+    """Prefect's own settings: local home under the state dir, no telemetry, quiet logs.
+
+    An explicit ``PREFECT_API_URL`` (a cluster's server) wins; otherwise Prefect starts its
+    ephemeral local server.
+    """
+    env = {
+        "PREFECT_HOME": str(Path(settings.state) / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }
+    return {k: v for k, v in env.items() if k not in os.environ or k == "PREFECT_LOGGING_LEVEL"}

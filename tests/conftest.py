@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny generated data in a real Feast store, and per-test MLflow stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from driftloop.settings import Settings
+from pipelines.steps import features, ingest
+from tests.helpers import AS_OF, TINY, env_for
+
+
+@pytest.fixture(scope="session")
+def feast_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated data, applied definitions and a materialized online store, shared read-only."""
+    state = tmp_path_factory.mktemp("feast-state")
+    settings = Settings(state_dir=state)
+    ingest.generate_to(TINY, settings.data_path)
+    features.apply(settings)
+    features.materialize(settings, end=AS_OF)
+    return state
+
+
+@pytest.fixture
+def settings(feast_state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings on the shared Feast store and a fresh MLflow store; the same in subprocesses."""
+    for key, value in env_for(feast_state, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    return Settings()

@@ -1,0 +1,41 @@
+"""Importing any module does nothing: no files, no clients, no services needed."""
+
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+PACKAGES = ("driftloop", "pipelines", "serving", "monitoring")
+
+
+def all_modules() -> list[str]:
+    names = []
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        names.append(package)
+        names += [m.name for m in pkgutil.walk_packages(module.__path__, prefix=f"{package}.")]
+    return names
+
+
+def test_every_module_imports_without_side_effects(tmp_path, tmp_path_factory):
+    code = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\n"
+    # Prefect itself makes its home directory on import: keep that one outside the checked folder.
+    prefect_home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "DRIFTLOOP_STATE_DIR": str(tmp_path / "state"), "PREFECT_HOME": str(prefect_home)}
+    result = subprocess.run([sys.executable, "-c", code, *all_modules()], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even the state dir
+
+
+def test_steps_do_not_import_orchestrators():
+    steps = Path(pkgutil.resolve_name("pipelines.steps").__path__[0])
+    for path in steps.glob("*.py"):
+        text = path.read_text()
+        assert "prefect" not in text and "import kfp" not in text and "from kfp" not in text, path.name
