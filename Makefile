@@ -28,7 +28,7 @@ demo: install ## Run the loop on this machine: data, features, Prefect training,
 	@echo "Next: 'make ui' opens MLflow (runs, model, aliases) on http://127.0.0.1:5000"
 
 .PHONY: test
-test: install ## Install everything pinned and run the whole test suite
+test: install lint ## Install everything pinned, lint, and run the whole test suite
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 ##@ Development
@@ -55,6 +55,11 @@ ui: install ## MLflow UI on the local store (runs, registered model, aliases)
 .PHONY: pipeline
 pipeline: install ## Compile the KFP v2 pipeline to pipeline.yaml
 	$(DRIFTLOOP) pipeline compile --out pipeline.yaml
+
+##@ Benchmarks (not tests: numbers, not pass/fail)
+.PHONY: bench-train
+bench-train: install ## Wall time of `driftloop train`, local engine vs Prefect flow, same run, as a ratio
+	$(VENV)/bin/python -m pipelines.bench
 
 ##@ Clean-up
 .PHONY: clean

@@ -267,11 +267,12 @@ def pipeline_compile(
 def ui_cmd(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 5000,
+    workers: Annotated[int, typer.Option(min=1, help="server processes; one is plenty for a laptop")] = 1,
 ) -> None:
     """Serve the MLflow UI on the configured store (runs, the registered model and its aliases)."""
     settings = settings_or_fail()
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", host, "--port", str(port),
-               "--backend-store-uri", settings.tracking_uri]
+               "--workers", str(workers), "--backend-store-uri", settings.tracking_uri]
     if settings.artifact_root:
         command += ["--default-artifact-root", settings.artifact_root]
     if settings.tracking_uri.startswith("sqlite:///"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ import pytest
 from driftloop.settings import Settings
 from pipelines.steps import features, ingest
 from tests.helpers import AS_OF, TINY, env_for
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """MLflow writes MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into os.environ; keep each test's to itself."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ AS_OF_ARG = ("--as-of", AS_OF.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def versions(settings: Settings) -> list[str]:
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     return sorted(str(v.version) for v in client.search_model_versions(f"name='{settings.model_name}'"))
 
 
@@ -106,7 +106,7 @@ def _champion_then(settings: Settings, monkeypatch, target, attribute):
     with pytest.raises(RuntimeError, match="crash"):
         training.run_local(settings, dataclasses.replace(
             config, params=dataclasses.replace(config.params, n_estimators=400)))
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     assert str(client.get_model_version_by_alias(settings.model_name, "champion").version) == first.decision.version
     return client
 

@@ -24,7 +24,7 @@ def train(engine: str, *extra: str) -> dict:
 
 
 def assert_registered(settings, result: dict, version: str, alias: str) -> None:
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     mv = client.get_model_version_by_alias(settings.model_name, alias)
     assert str(mv.version) == version == result["decision"]["version"]
     run = client.get_run(result["run_id"])
@@ -48,14 +48,14 @@ def test_local_engine_then_prefect_flow(settings):
     assert second["metrics"]["auc"] == pytest.approx(first["metrics"]["auc"])
     assert not second["decision"]["promoted"] and "margin" in second["decision"]["reason"]
     assert_registered(settings, second, "2", "challenger")
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     assert client.get_model_version_by_alias(settings.model_name, "champion").version in (1, "1")
 
 
 def test_kfp_pipeline_runs_with_kfp_local(settings):
     result = train("kfp")
     assert result["decision"]["promoted"]
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     assert str(client.get_model_version_by_alias(settings.model_name, "champion").version) == "1"
     assert (settings.state / "kfp").is_dir()
 

@@ -31,7 +31,8 @@ def train_and_gate(settings, training_set: TrainingSet, params: TrainParams):
 
 
 def champion(settings) -> str:
-    return str(MlflowClient(settings.tracking_uri).get_model_version_by_alias(settings.model_name, "champion").version)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    return str(client.get_model_version_by_alias(settings.model_name, "champion").version)
 
 
 def test_gate_on_real_models(settings, tmp_path):
@@ -59,7 +60,7 @@ def test_gate_on_real_models(settings, tmp_path):
     assert not shuffled.promoted and "below the floor" in shuffled.reason
     assert champion(settings) == "2"
 
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     gate = mlflow.artifacts.load_dict(f"{client.get_run(shuffled.run_id).info.artifact_uri}/gate.json")
     assert gate["alias"] == "challenger" and gate["champion_version"] == "2"
     assert client.get_run(shuffled.run_id).data.metrics["gate_promoted"] == 0.0
@@ -91,6 +92,6 @@ def test_concurrent_registrations_get_distinct_versions(settings):
         assert proc.returncode == 0, err[-2000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert sorted(int(r["version"]) for r in results) == [1, 2, 3, 4]
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     assert len(client.search_model_versions(f"name='{settings.model_name}'")) == 4
     assert champion(settings) in {r["version"] for r in results if r["alias"] == "champion"}

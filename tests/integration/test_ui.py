@@ -1,0 +1,53 @@
+"""``driftloop ui`` serves the MLflow UI on the local store, with the registered model and its aliases."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from pipelines import training
+from tests.helpers import AS_OF
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read()
+
+
+def test_ui_shows_runs_and_the_registered_model_with_aliases(settings):
+    result = training.run_local(settings, training.TrainingConfig(as_of=AS_OF))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "driftloop", "ui", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                get(f"{base}/health")
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "the UI did not start in 120 s"
+                time.sleep(0.5)
+        assert b"<html" in get(f"{base}/").lower()
+        model = json.loads(get(f"{base}/ajax-api/2.0/mlflow/registered-models/get?name={settings.model_name}"))
+        aliases = {a["alias"]: a["version"] for a in model["registered_model"]["aliases"]}
+        assert aliases == {"champion": result.decision.version}
+        runs = json.loads(get(f"{base}/ajax-api/2.0/mlflow/runs/get?run_id={result.run_id}"))
+        assert runs["run"]["info"]["status"] == "FINISHED"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
