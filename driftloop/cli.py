@@ -262,6 +262,60 @@ def pipeline_compile(
                                                  "upload": "KFP UI > Pipelines > Upload, or `make submit-pipeline`"}))
 
 
+# serving ------------------------------------------------------------------------------------------
+@app.command("serve")
+def serve_cmd(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8080,
+    reload_interval: Annotated[float, typer.Option(min=0.1, help="seconds between champion checks")] = 10.0,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="larger bodies get 413")] = 1 << 20,
+    max_instances: Annotated[int, typer.Option(min=1, help="rows per request")] = 1_000,
+    feature_staleness: Annotated[float, typer.Option(min=0.0, help="seconds an online feature may be cached")] = 5.0,
+) -> None:
+    """Serve the champion (KServe v1 and v2) with Feast enrichment, inference log and hot reload."""
+    from serving.server import ServeOptions, serve
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    options = ServeOptions(port=port, max_body_bytes=max_body_bytes, max_instances=max_instances,
+                           reload_interval_s=reload_interval, feature_max_staleness_s=feature_staleness)
+    with user_errors():
+        serve(settings, options)
+
+
+@app.command("predict")
+def predict_cmd(
+    customer_id: Annotated[int, typer.Option(help="features looked up in the online store")] = 1,
+    merchant_id: Annotated[int, typer.Option()] = 1,
+    amount: Annotated[float, typer.Option()] = 42.0,
+    channel: Annotated[str, typer.Option()] = "pos",
+    hour_of_day: Annotated[int, typer.Option()] = 12,
+    distance_km: Annotated[float | None, typer.Option()] = None,
+    url: Annotated[str, typer.Option(help="the model server")] = "http://127.0.0.1:8080",
+    explain: Annotated[bool, typer.Option(help="per-feature contributions")] = False,
+) -> None:
+    """Score one transaction on a running server (features looked up by entity)."""
+    import httpx
+
+    settings = settings_or_fail()
+    instance = {"customer_id": customer_id, "merchant_id": merchant_id, "amount": amount, "channel": channel,
+                "hour_of_day": hour_of_day, "distance_km": distance_km}
+    verb = "explain" if explain else "predict"
+    try:
+        response = httpx.post(f"{url}/v1/models/{settings.model_name}:{verb}", json={"instances": [instance]},
+                              timeout=10)
+    except httpx.HTTPError as error:
+        fail(f"no model server at {url} ({error}): start one with `driftloop serve`")
+    body = response.json()
+    if response.status_code != 200:
+        fail(f"{response.status_code}: {body.get('error', body)}")
+    rows = {"fraud probability": f"{body['predictions'][0]:.4f}", "model version": body["model_version"],
+            "entity found": body["entity_found"][0]}
+    if explain:
+        top = sorted(body["explanations"][0].items(), key=lambda kv: -abs(kv[1]))[:5]
+        rows["top contributions"] = ", ".join(f"{k} {v:+.3f}" for k, v in top)
+    out.print(table(f"{settings.model_name}:{verb}", rows))
+
+
 # ui -------------------------------------------------------------------------------------------------
 @app.command("ui")
 def ui_cmd(

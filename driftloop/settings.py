@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         """Training sets built by the point-in-time join (local file system in both profiles)."""
         return self.state / "datasets"
 
+    @cached_property
+    def inference_log_path(self) -> Path:
+        """Every prediction the server made (local profile: SQLite in the state dir)."""
+        return self.state / "inference_log.db"
+
     @property
     def feature_store_yaml(self) -> Path:
         name = "feature_store.yaml" if self.profile == "local" else "feature_store.cluster.yaml"
@@ -134,6 +139,7 @@ class Settings(BaseSettings):
             + _redact(feast["DRIFTLOOP_FEAST_ONLINE"]),
             "feast_registry": _redact(feast["DRIFTLOOP_FEAST_REGISTRY"]),
             "data_dir": self.data_path,
+            "inference_log": str(self.inference_log_path),
             "image": self.image,
             "device": self.device,
         }

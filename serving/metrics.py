@@ -1,0 +1,47 @@
+"""Prometheus metrics of the model server, served by KServe's ``/metrics``.
+
+Created by the server at start-up (not at import), on a registry it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.requests = Counter("driftloop_requests", "HTTP requests by protocol and status",
+                                ["protocol", "status"], registry=registry)
+        self.latency = Histogram("driftloop_request_seconds", "request latency", ["protocol"],
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("driftloop_batch_rows", "rows scored per model call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
+        self.lookup_seconds = Histogram("driftloop_feature_lookup_seconds", "Feast online lookup latency",
+                                        buckets=LATENCY_BUCKETS, registry=registry)
+        self.missing_entities = Counter("driftloop_missing_entities", "rows whose entity had no online features",
+                                        registry=registry)
+        self.model_version = Gauge("driftloop_model_version", "version of the model answering", ["model"],
+                                   registry=registry)
+        self.reloads = Counter("driftloop_model_reloads", "champion swaps without restart", registry=registry)
+        self._registry = registry
+
+    def watch_log(self, depth: Callable[[], int], dropped: Callable[[], int]) -> None:
+        """Expose the inference log's queue depth and drops (read at scrape time)."""
+        self._registry.register(_LogCollector(depth, dropped))
+
+
+class _LogCollector(Collector):
+    def __init__(self, depth: Callable[[], int], dropped: Callable[[], int]) -> None:
+        self._depth, self._dropped = depth, dropped
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily("driftloop_inference_log_queue_depth", "records waiting to be written",
+                                value=self._depth())
+        yield CounterMetricFamily("driftloop_inference_log_dropped", "records dropped (queue full or sink error)",
+                                  value=self._dropped())
