@@ -61,6 +61,21 @@ pipeline: install ## Compile the KFP v2 pipeline to pipeline.yaml
 bench-train: install ## Wall time of `driftloop train`, local engine vs Prefect flow, same run, as a ratio
 	$(VENV)/bin/python -m pipelines.bench
 
+# MLServer 1.7 needs a FastAPI older than Prefect accepts: it gets a venv of its own, with the
+# model's libraries at the versions uv.lock pins for the project.
+MLSERVER_VENV := .bench/mlserver
+MLSERVER_PKGS := mlserver==1.7.1 mlserver-mlflow==1.7.1 mlflow==3.17.2 xgboost==3.2.0 scikit-learn==1.9.1 \
+  uvloop==0.21.0  # MLServer 1.7 calls asyncio.get_event_loop(), which uvloop >= 0.22 refuses
+
+$(MLSERVER_VENV)/bin/mlserver: | $(UV)
+	$(UV) venv --quiet --python $(PYTHON) $(MLSERVER_VENV)
+	$(UV) pip install --quiet --python $(MLSERVER_VENV)/bin/python $(MLSERVER_PKGS)
+
+.PHONY: bench-serving
+bench-serving: install $(MLSERVER_VENV)/bin/mlserver ## Our server vs mlflow models serve, MLServer and echo floors (needs wrk)
+	@command -v wrk >/dev/null || { echo "bench-serving needs wrk: apt-get install wrk"; exit 1; }
+	MLSERVER_PYTHON=$(MLSERVER_VENV)/bin/python $(VENV)/bin/python -m serving.bench
+
 ##@ Clean-up
 .PHONY: clean
 clean: ## Remove local state (data, stores, runs, models) and compiled pipelines
@@ -68,4 +83,4 @@ clean: ## Remove local state (data, stores, runs, models) and compiled pipelines
 
 .PHONY: distclean
 distclean: clean ## Also remove the virtual environment and tools
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .bench .pytest_cache .ruff_cache

@@ -37,16 +37,20 @@ def views_of(store: FeatureStore, service: FeatureService) -> list[View]:
 class OnlineFeatures:
     """``lookup(rows)`` fills the service's features for entity keys; thread-safe."""
 
-    def __init__(self, store: FeatureStore, service: FeatureService, max_staleness_s: float = 5.0,
+    def __init__(self, store: FeatureStore, views: list[View], max_staleness_s: float = 5.0,
                  max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
-        self._views = views_of(store, service)
+        self._views = views
         self._ttl = max_staleness_s
         self._max = max_entries
         self._clock = clock
         self._cache: dict[str, OrderedDict] = {v.name: OrderedDict() for v in self._views}
         self._lock = threading.Lock()
         self.reads = 0  # online-store reads, for metrics and tests
+
+    @classmethod
+    def for_service(cls, store: FeatureStore, service: FeatureService, max_staleness_s: float = 5.0) -> OnlineFeatures:
+        return cls(store, views_of(store, service), max_staleness_s)
 
     @property
     def keys(self) -> tuple[str, ...]:

@@ -57,6 +57,24 @@ def load_champion(client: MlflowClient, model_name: str, device: str = "cpu") ->
     return Champion(str(mv.version), mv.run_id or "", booster, resolved)
 
 
+@dataclass(frozen=True)
+class Scored:
+    scores: np.ndarray
+    champion: Champion
+    found: list[bool]
+    request_id: str
+
+    def v1(self) -> dict:
+        return {"predictions": self.scores.tolist(), "model_version": self.champion.version,
+                "entity_found": self.found, "request_id": self.request_id}
+
+    def v2(self, model_name: str) -> dict:
+        return {"model_name": model_name, "model_version": self.champion.version, "id": self.request_id,
+                "parameters": {"entity_found": all(self.found)},
+                "outputs": [{"name": OUTPUT, "shape": [len(self.scores)], "datatype": "FP32",
+                             "data": self.scores.tolist()}]}
+
+
 class FraudModel(Model):
     def __init__(self, name: str, client: MlflowClient, model_name: str, log: InferenceLog,
                  metrics: Metrics, features: OnlineFeatures | None = None, device: str = "cpu",
@@ -68,7 +86,7 @@ class FraudModel(Model):
         self._features = features
         self._log = log
         self._metrics = metrics
-        self._max_instances = max_instances
+        self.max_instances = max_instances
         self._batcher = MicroBatcher(self._score, max_batch=max_batch, on_batch=metrics.batch_size.observe)
         self.champion: Champion | None = None
 
@@ -108,11 +126,13 @@ class FraudModel(Model):
         champion = self.champion
         return champion.predict(x), champion
 
-    async def _prepare(self, body: dict | InferRequest) -> tuple[payload.Rows, list[bool]]:
+    def parse(self, body: dict | InferRequest) -> payload.Rows:
         if isinstance(body, InferRequest):
-            rows = payload.from_tensors(body.inputs, self._max_instances)
-        else:
-            rows = payload.from_instances(body, self._max_instances)
+            return payload.from_tensors(body.inputs, self.max_instances)
+        return payload.from_instances(body, self.max_instances)
+
+    async def _enrich(self, rows: payload.Rows) -> list[bool]:
+        """Fill Feast features for entity-only rows; return whether each row's entity was found."""
         found = [True] * rows.n
         need = [i for i in range(rows.n) if rows.lookup[i]]
         if need:
@@ -128,26 +148,33 @@ class FraudModel(Model):
             for j, i in enumerate(need):
                 found[i] = ok[j]
             self._metrics.missing_entities.inc(ok.count(False))
-        return rows, found
+        return found
+
+    async def score(self, rows: payload.Rows, request_id: str | None = None) -> Scored:
+        """Enrich, score (micro-batched) and log one request's rows."""
+        found = await self._enrich(rows)
+        scores, champion = await self._batcher.submit(payload.to_matrix(rows))
+        scored = Scored(scores, champion, found, request_id or uuid.uuid4().hex)
+        self._record(rows, scored)
+        return scored
 
     async def predict(self, body: dict | InferRequest, headers: dict[str, str] | None = None):
-        rows, found = await self._prepare(body)
-        scores, champion = await self._batcher.submit(payload.to_matrix(rows))
+        """KServe's route (the fast path in ``serving.fastpath`` answers the same requests the same way)."""
         request_id = (headers or {}).get("x-request-id") or (
-            body.id if isinstance(body, InferRequest) and body.id else uuid.uuid4().hex)
-        self._record(rows, found, scores, champion, request_id)
+            body.id if isinstance(body, InferRequest) and body.id else None)
+        scored = await self.score(self.parse(body), request_id)
         if isinstance(body, InferRequest):
-            output = InferOutput(OUTPUT, [rows.n], "FP32", scores.astype(np.float32).tolist())
-            return InferResponse(request_id, self.name, [output], model_version=champion.version,
-                                 parameters={"entity_found": all(found)})
-        return {"predictions": scores.tolist(), "model_version": champion.version, "entity_found": found,
-                "request_id": request_id}
+            output = InferOutput(OUTPUT, [len(scored.scores)], "FP32", scored.scores.tolist())
+            return InferResponse(scored.request_id, self.name, [output], model_version=scored.champion.version,
+                                 parameters={"entity_found": all(scored.found)})
+        return scored.v1()
 
     async def explain(self, body: dict, headers: dict[str, str] | None = None) -> dict:
         """Per-feature contributions (log-odds, XGBoost's TreeSHAP) for each instance."""
         if isinstance(body, InferRequest):
             raise InvalidInput("explanations are served on the v1 :explain verb")
-        rows, found = await self._prepare(body)
+        rows = self.parse(body)
+        found = await self._enrich(rows)
         champion = self.champion
         x = payload.to_matrix(rows)
         contributions = await asyncio.to_thread(champion.contributions, x)
@@ -159,14 +186,14 @@ class FraudModel(Model):
             "entity_found": found,
         }
 
-    def _record(self, rows: payload.Rows, found: list[bool], scores: np.ndarray, champion: Champion,
-                request_id: str) -> None:
+    def _record(self, rows: payload.Rows, scored: Scored) -> None:
         now = time.time()
         cols = rows.columns
+        version = scored.champion.version
         records = [
-            (request_id, now, self._model_name, champion.version, cols[TRANSACTION_ID][i],
+            (scored.request_id, now, self._model_name, version, cols[TRANSACTION_ID][i],
              *(cols[k][i] for k in ENTITY_KEYS), *(cols[f][i] for f in MODEL_FEATURES),
-             float(scores[i]), float(found[i]))
+             float(scored.scores[i]), float(scored.found[i]))
             for i in range(rows.n)
         ]
         self._log.record(records)

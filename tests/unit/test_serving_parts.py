@@ -1,0 +1,142 @@
+"""Serving's plain helpers, without a server: payload parsing, micro-batching, the log, the feature cache."""
+
+import asyncio
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+from kserve.errors import InvalidInput
+
+from driftloop.contracts import MODEL_FEATURES
+from serving import payload
+from serving.batcher import MicroBatcher
+from serving.fastpath import Tensor
+from serving.features import OnlineFeatures, View
+from serving.inference_log import COLUMNS, InferenceLog, SqliteSink
+
+pytestmark = pytest.mark.unit
+
+FULL = {"amount": 10.0, "channel": "atm", "hour_of_day": 4, "distance_km": None, "account_age_days": 9,
+        "txn_count_7d": 1, "avg_amount_30d": 5.5, "chargeback_rate_90d": 0.0, "merchant_fraud_rate_30d": 0.1,
+        "merchant_category": "fuel"}
+
+
+def test_full_row_encodes_like_training():
+    import pandas as pd
+
+    from driftloop.contracts import to_model_frame
+
+    rows = payload.from_instances({"instances": [FULL]}, 10)
+    assert rows.lookup == [False]
+    expected = to_model_frame(pd.DataFrame([FULL])).to_numpy(dtype=np.float32)
+    np.testing.assert_array_equal(payload.to_matrix(rows), expected)
+
+
+def test_entity_rows_need_a_lookup_and_unseen_categories_are_unknown():
+    rows = payload.from_instances({"instances": [
+        {"customer_id": 1, "merchant_id": 2, "amount": 1.0, "channel": "crypto", "hour_of_day": 1}]}, 10)
+    assert rows.lookup == [True] and rows.entity(0) == (1, 2)
+    matrix = payload.to_matrix(rows)
+    assert np.isnan(matrix[0, MODEL_FEATURES.index("channel")])
+    assert np.isnan(matrix[0, MODEL_FEATURES.index("distance_km")])  # absent optional feature
+
+
+def test_v2_tensors_parse_to_the_same_rows():
+    tensors = [Tensor(name, [2], "BYTES" if isinstance(v, str) else "FP64", [v, v]) for name, v in FULL.items()
+               if v is not None]
+    rows = payload.from_tensors(tensors, 10)
+    assert rows.n == 2 and rows.lookup == [False, False]
+    assert rows.columns["merchant_category"] == ["fuel", "fuel"]
+
+
+@pytest.mark.parametrize("body", [None, [], {"instances": None}, {"instances": [1]}, {"instances": []}])
+def test_malformed_bodies_raise_invalid_input(body):
+    with pytest.raises(InvalidInput):
+        payload.from_instances(body, 10)
+
+
+def test_micro_batcher_scores_concurrent_requests_together():
+    calls = []
+
+    def score(x):
+        calls.append(len(x))
+        return x[:, 0] * 2, "v1"
+
+    async def run():
+        batcher = MicroBatcher(score, max_batch=4)
+        xs = [np.full((1, 1), i, dtype=np.float32) for i in range(6)]
+        return await asyncio.gather(*(batcher.submit(x) for x in xs))
+
+    results = asyncio.run(run())
+    assert [float(r[0][0]) for r in results] == [0, 2, 4, 6, 8, 10]
+    assert calls == [4, 2]  # no timer: one turn of the loop collects what arrived, capped at max_batch
+
+
+def test_micro_batcher_fails_every_waiter_on_error():
+    async def run():
+        batcher = MicroBatcher(lambda x: (_ for _ in ()).throw(RuntimeError("boom")))
+        return await asyncio.gather(*(batcher.submit(np.zeros((1, 1))) for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(run()))
+
+
+def record(i: int) -> tuple:
+    return (f"r{i}", 1.0, "m", "1", None, 1, 2, *([0.0] * len(MODEL_FEATURES)), 0.5, 1.0)
+
+
+def test_inference_log_writes_everything_and_after_close(tmp_path):
+    log = InferenceLog(SqliteSink(tmp_path / "log.db"), max_queue=10_000).start()
+    threads = [threading.Thread(target=lambda k=k: [log.record([record(k * 1000 + i)]) for i in range(500)])
+               for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    log.record([record(99_999)])  # in flight during shutdown: written synchronously
+    with sqlite3.connect(tmp_path / "log.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 2_001
+        assert [c[1] for c in db.execute("PRAGMA table_info(predictions)")] == list(COLUMNS)
+    assert log.dropped == 0 and log.written == 2_001
+
+
+def test_inference_log_counts_what_it_sheds(tmp_path):
+    log = InferenceLog(SqliteSink(tmp_path / "log.db"), max_queue=2)  # writer not started: the queue fills
+    for i in range(5):
+        log.record([record(i)])
+    assert log.depth() == 2 and log.dropped == 3
+
+
+class FakeStore:
+    """Stands in for Feast's online store in this unit test only (the integration tests use Feast)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def get_online_features(self, features, entity_rows):
+        self.calls += 1
+        key = next(iter(entity_rows[0]))
+        names = [f.split(":")[1] for f in features]
+        values = {n: [None if row[key] == 404 else row[key] * 10 for row in entity_rows] for n in names}
+
+        class Response:
+            def to_dict(self):
+                return values
+
+        return Response()
+
+
+def test_online_features_cache_for_the_staleness_bound_and_batch_misses():
+    now = [0.0]
+    store = FakeStore()
+    views = [View("customer_stats", "customer_id", ("a",)), View("merchant_stats", "merchant_id", ("b",))]
+    online = OnlineFeatures(store, views, max_staleness_s=5.0, clock=lambda: now[0])
+    values, found = online.lookup([{"customer_id": 1, "merchant_id": 2}, {"customer_id": 404, "merchant_id": 2}])
+    assert values == {"a": [10, None], "b": [20, 20]} and found == [True, False]
+    assert store.calls == 2  # one read per view for the whole batch
+    online.lookup([{"customer_id": 1, "merchant_id": 2}])
+    assert store.calls == 2  # cached
+    now[0] = 6.0
+    online.lookup([{"customer_id": 1, "merchant_id": 2}])
+    assert store.calls == 4  # older than the bound: read again
