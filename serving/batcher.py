@@ -23,6 +23,7 @@ class MicroBatcher:
         self._on_batch = on_batch or (lambda n: None)
         self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self._scheduled = False
+        self._loaded = False  # the last batch held more than one request
 
     async def submit(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         """Score ``x`` (rows of one request) with whatever else is waiting; return (scores, tag)."""
@@ -31,7 +32,10 @@ class MicroBatcher:
         self._pending.append((x, future))
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._drain)
+            if self._loaded:  # under load: one more turn of the loop lets more requests join this batch
+                loop.call_soon(loop.call_soon, self._drain)
+            else:
+                loop.call_soon(self._drain)
         return await future
 
     def _drain(self) -> None:
@@ -44,6 +48,7 @@ class MicroBatcher:
             asyncio.get_running_loop().call_soon(self._drain)
         else:
             self._scheduled = False
+        self._loaded = len(taken) > 1
         live = [(x, f) for x, f in taken if not f.done()]  # a cancelled request's rows are skipped
         if not live:
             return

@@ -182,7 +182,8 @@ def main(seconds: int = 10, connections: int = 8) -> None:
         url = f"http://127.0.0.1:{port}/v1/models/{MODEL}:predict"
         bench.measure("driftloop", [sys.executable, "-m", "serving", "--port", str(port)],
                       f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready",
-                      [("driftloop, all features", url, full), ("driftloop, by entity (Feast)", url, work / "entity.lua")])
+                      [("driftloop, all features", url, full),
+                       ("driftloop, by entity (Feast)", url, work / "entity.lua")])
 
         port = free_port()
         uri = f"models:/{MODEL}@champion"
@@ -207,7 +208,8 @@ def main(seconds: int = 10, connections: int = 8) -> None:
                 {"name": n, "shape": [1], "datatype": "FP32", "data": [v]} for n, v in zip(
                     MODEL_FEATURES, ENCODED, strict=True)]})
             env = {**bench.env, "MLSERVER_HTTP_PORT": str(port), "MLSERVER_GRPC_PORT": str(free_port()),
-                   "MLSERVER_METRICS_PORT": str(free_port()), "PATH": f"{Path(mlserver_python).parent}:{os.environ['PATH']}"}
+                   "MLSERVER_METRICS_PORT": str(free_port()),
+                   "PATH": f"{Path(mlserver_python).parent}:{os.environ['PATH']}"}
             bench.measure("MLServer (MLflow runtime)", [str(Path(mlserver_python).with_name("mlserver")), "start",
                                                         str(work / "mlserver")],
                           f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready",
@@ -236,7 +238,8 @@ def report(results: list[Result], connections: int) -> None:
     for r in results:
         print(f"  {r.name:<34} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f}")
     print("ratios:")
-    for peer in ("mlflow models serve", "MLServer, MLflow runtime", "raw ASGI echo (uvicorn)", "FastAPI echo (uvicorn)"):
+    peers = ("mlflow models serve", "MLServer, MLflow runtime", "raw ASGI echo (uvicorn)", "FastAPI echo (uvicorn)")
+    for peer in peers:
         if peer in by:
             print(f"  driftloop / {peer:<30} {ours.rps / by[peer].rps:6.2f}x")
     print(f"  by entity / all features{'':<17} {entity.rps / ours.rps:6.2f}x")
