@@ -30,9 +30,11 @@ app = typer.Typer(help="driftloop: the whole production ML loop.", no_args_is_he
 data_app = typer.Typer(help="Generate the reference use case's data.", no_args_is_help=True)
 features_app = typer.Typer(help="The Feast feature store.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="Pipeline definitions for orchestrators.", no_args_is_help=True)
+labels_app = typer.Typer(help="Late ground truth for logged predictions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(labels_app, name="labels")
 
 out = Console()
 err = Console(stderr=True)
@@ -46,10 +48,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message tells the user what to do: printed as one line, not a traceback."""
     from pipelines.steps.features import FeatureStoreError
+    from pipelines.steps.register import RegistryError
     from pipelines.steps.tracking import TrackingError
     from pipelines.steps.validate import DataValidationError
 
-    return (SettingsError, FeatureStoreError, TrackingError, DataValidationError, FileNotFoundError)
+    return (SettingsError, FeatureStoreError, TrackingError, DataValidationError, RegistryError, FileNotFoundError)
 
 
 @contextmanager
@@ -260,6 +263,40 @@ def pipeline_compile(
         path = compile_pipeline(settings, out_path)
     out.print(table("compiled KFP v2 pipeline", {"file": path, "image": settings.image,
                                                  "upload": "KFP UI > Pipelines > Upload, or `make submit-pipeline`"}))
+
+
+@labels_app.command("ingest")
+def labels_ingest(
+    file: Annotated[Path, typer.Argument(help="Parquet or CSV with transaction_id and is_fraud")],
+) -> None:
+    """Record late labels; performance of the served model is then monitored too."""
+    from monitoring.labels import LabelError, ingest, performance
+
+    settings = settings_or_fail()
+    try:
+        summary = ingest(settings, file)
+    except LabelError as error:
+        fail(str(error))
+    metrics = performance(settings)
+    out.print(table("labels ingested", {
+        "labels": f"{summary.rows:,} ({summary.matched:,} match logged predictions)",
+        "served AUC so far": f"{metrics.auc:.4f} on {metrics.rows:,} labelled predictions" if metrics
+        else "not enough labelled predictions of both classes yet",
+    }))
+
+
+@app.command("rollback")
+def rollback_cmd() -> None:
+    """Put the previous champion back (a running server switches at its next check)."""
+    from pipelines.steps import tracking
+    from pipelines.steps.register import rollback
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    with user_errors():
+        client = tracking.configure(settings)
+        was, now = rollback(client, settings.model_name)
+    out.print(table("rollback", {"model": settings.model_name, "champion": f"v{was} -> v{now}"}))
 
 
 # serving ------------------------------------------------------------------------------------------

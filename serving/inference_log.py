@@ -57,6 +57,35 @@ class SqliteSink:
             self._db.close()
 
 
+class PostgresSink:
+    """Cluster profile: the ``predictions`` table in PostgreSQL (the same database as the Feast registry)."""
+
+    def __init__(self, dsn: str, connect_timeout_s: int = 10) -> None:
+        import psycopg
+
+        self._db = psycopg.connect(dsn, connect_timeout=connect_timeout_s, autocommit=True)
+        types = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'DOUBLE PRECISION'}" for c in COLUMNS)
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({types})")
+        self._db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+        self._insert = f"INSERT INTO predictions VALUES ({', '.join(['%s'] * len(COLUMNS))})"  # noqa: S608
+        self._lock = threading.Lock()
+
+    def write(self, records: Sequence[Record]) -> None:
+        with self._lock, self._db.transaction(), self._db.cursor() as cursor:
+            cursor.executemany(self._insert, records)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def sink_for(settings) -> Sink:
+    """SQLite in the state dir (local profile) or PostgreSQL (cluster profile)."""
+    if settings.profile == "cluster":
+        return PostgresSink(settings.postgres_dsn)
+    return SqliteSink(settings.inference_log_path)
+
+
 class InferenceLog:
     def __init__(self, sink: Sink, max_queue: int = 100_000, batch: int = 1_000) -> None:
         self._sink = sink

@@ -43,12 +43,12 @@ def build(settings: Settings, options: ServeOptions):
     from pipelines.steps import tracking
     from serving.fastpath import FrontDoor
     from serving.features import OnlineFeatures
-    from serving.inference_log import InferenceLog, SqliteSink
+    from serving.inference_log import InferenceLog, sink_for
     from serving.model import FraudModel
 
     client = tracking.configure(settings)
     metrics = Metrics()
-    inference_log = InferenceLog(SqliteSink(settings.inference_log_path), max_queue=options.log_queue).start()
+    inference_log = InferenceLog(sink_for(settings), max_queue=options.log_queue).start()
     metrics.watch_log(inference_log.depth, lambda: inference_log.dropped)
     try:
         store = features_step.feature_store(settings)

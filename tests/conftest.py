@@ -9,7 +9,7 @@ import pytest
 
 from driftloop.settings import Settings
 from pipelines.steps import features, ingest
-from tests.helpers import AS_OF, TINY, env_for
+from tests.helpers import AS_OF, TINY, env_for, postgres_server
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +39,10 @@ def settings(feast_state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     return Settings()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn():
+    """A real PostgreSQL for the cluster profile's code paths."""
+    with postgres_server() as dsn:
+        yield dsn

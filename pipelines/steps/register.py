@@ -20,6 +20,11 @@ from pipelines.steps.train import TAG_FEATURE_SERVICE, TAG_FINGERPRINT, TAG_MODE
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+TAG_PREVIOUS = "driftloop.previous_champion"
+
+
+class RegistryError(RuntimeError):
+    """The registry is not in a state that allows the action; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ def register(client: MlflowClient, run_id: str, model_name: str, policy: GatePol
             "gate.decision": alias,
             "gate.reason": reason[:5000],
             "eval.auc": f"{candidate.auc:.6f}",
+            **({TAG_PREVIOUS: champion_version} if promoted and champion_version else {}),
         },
     ).version
     try:
@@ -141,3 +147,16 @@ def register(client: MlflowClient, run_id: str, model_name: str, policy: GatePol
     mlflow_dict = json.loads(json.dumps(asdict(decision)))
     client.log_dict(run_id, mlflow_dict, "gate.json")
     return decision
+
+
+def rollback(client: MlflowClient, model_name: str) -> tuple[str, str]:
+    """Put the previous champion back; return (from_version, to_version)."""
+    current = current_champion(client, model_name)
+    if current is None:
+        raise RegistryError(f"{model_name} has no champion to roll back")
+    previous = client.get_model_version(model_name, current).tags.get(TAG_PREVIOUS)
+    if not previous:
+        raise RegistryError(f"{model_name} v{current} was the first champion: there is nothing to roll back to")
+    client.set_registered_model_alias(model_name, CHAMPION, previous)
+    client.set_model_version_tag(model_name, current, "driftloop.rolled_back", "true")
+    return current, previous

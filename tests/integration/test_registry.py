@@ -16,7 +16,7 @@ from pipelines.steps import tracking
 from pipelines.steps import train as train_step
 from pipelines.steps.features import TrainingSet
 from pipelines.steps.train import TrainParams
-from tests.helpers import AS_OF
+from tests.helpers import AS_OF, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,7 @@ def test_gate_on_real_models(settings, tmp_path):
     assert champion(settings) == "2"
 
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    assert client.get_model_version(settings.model_name, "2").tags["driftloop.previous_champion"] == "1"
     gate = mlflow.artifacts.load_dict(f"{client.get_run(shuffled.run_id).info.artifact_uri}/gate.json")
     assert gate["alias"] == "challenger" and gate["champion_version"] == "2"
     assert client.get_run(shuffled.run_id).data.metrics["gate_promoted"] == 0.0
@@ -95,3 +96,16 @@ def test_concurrent_registrations_get_distinct_versions(settings):
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     assert len(client.search_model_versions(f"name='{settings.model_name}'")) == 4
     assert champion(settings) in {r["version"] for r in results if r["alias"] == "champion"}
+
+
+def test_rollback_puts_the_previous_champion_back(settings):
+    training_set = training.features(settings, AS_OF)
+    train_and_gate(settings, training_set, WEAK)
+    train_and_gate(settings, training_set, STRONG)
+    assert champion(settings) == "2"
+    result = run_cli("rollback")
+    assert result.returncode == 0, result.stderr
+    assert "v2 -> v1" in result.stdout and champion(settings) == "1"
+    again = run_cli("rollback")  # v1 was the first champion
+    assert again.returncode == 1 and "nothing to roll back to" in again.stderr
+    assert champion(settings) == "1"
