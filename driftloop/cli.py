@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from driftloop.settings import Settings, SettingsError, load_settings
+from monitoring.cli import drift_app
 
 app = typer.Typer(help="driftloop: the whole production ML loop.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -31,10 +32,14 @@ data_app = typer.Typer(help="Generate the reference use case's data.", no_args_i
 features_app = typer.Typer(help="The Feast feature store.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="Pipeline definitions for orchestrators.", no_args_is_help=True)
 labels_app = typer.Typer(help="Late ground truth for logged predictions.", no_args_is_help=True)
+monitor_app = typer.Typer(help="Drift and performance checks on the inference log; retraining.",
+                          no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(labels_app, name="labels")
+app.add_typer(monitor_app, name="monitor")
+app.add_typer(drift_app, name="drift")
 
 out = Console()
 err = Console(stderr=True)
@@ -110,6 +115,7 @@ class DriftKind(StrEnum):
     none = "none"
     covariate = "covariate"
     concept = "concept"
+    shift = "shift"
     quality = "quality"
 
 
@@ -283,6 +289,103 @@ def labels_ingest(
         "served AUC so far": f"{metrics.auc:.4f} on {metrics.rows:,} labelled predictions" if metrics
         else "not enough labelled predictions of both classes yet",
     }))
+
+
+def _monitor_policy(window_rows: int, k: int, n: int, cooldown: float):
+    from monitoring.monitor import MonitorPolicy
+    from monitoring.retrain import TriggerPolicy
+
+    return MonitorPolicy(window_rows=window_rows, trigger=TriggerPolicy(k=k, n=n, cooldown_s=cooldown))
+
+
+def _print_check(result, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), default=str))
+        return
+    verdict = {"drift": "[red]drift[/]", "no_drift": "[green]no drift[/]"}.get(result.verdict, result.verdict)
+    rows = {"window": f"{result.rows:,} predictions of v{result.model_version}",
+            "drift": f"{verdict} (share {result.drift_share:.0%}"
+                     + (f": {', '.join(result.drifted_columns)})" if result.drifted_columns else ")"),
+            "data quality": "; ".join(f"{c}: {', '.join(i)}" for c, i in result.quality_issues.items()) or "ok",
+            "served AUC": f"{result.served_auc:.4f}" if result.served_auc is not None else "too few labels yet",
+            "signal": "; ".join(result.reasons) or "none"}
+    if result.retraining is not None:
+        rows["retraining"] = ("started: " if result.retraining.start else "skipped: ") + result.retraining.reason
+    out.print(table("drift check", rows))
+
+
+@monitor_app.command("check")
+def monitor_check(
+    window_rows: Annotated[int, typer.Option(min=1, help="latest N predictions")] = 2_000,
+    retrain: Annotated[bool, typer.Option(help="retrain when the guardrails allow")] = False,
+    k: Annotated[int, typer.Option(help="signals needed ...")] = 2,
+    n: Annotated[int, typer.Option(help="... among the last n windows")] = 3,
+    cooldown: Annotated[float, typer.Option(help="seconds between retrainings")] = 3_600.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One drift and performance check on the latest window of the inference log."""
+    from monitoring.monitor import MonitorError, check, retrain_locally
+    from pipelines.steps import tracking
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    try:
+        with user_errors():
+            client = tracking.configure(settings)
+            result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown),
+                           retrain_locally(settings) if retrain else None)
+    except MonitorError as error:
+        fail(str(error))
+    _print_check(result, as_json)
+
+
+@monitor_app.command("run")
+def monitor_run(
+    interval: Annotated[float, typer.Option(min=0.0, help="seconds between checks")] = 300.0,
+    checks: Annotated[int | None, typer.Option(help="stop after this many (default: run until stopped)")] = None,
+    window_rows: Annotated[int, typer.Option(min=1)] = 2_000,
+    k: Annotated[int, typer.Option()] = 2,
+    n: Annotated[int, typer.Option()] = 3,
+    cooldown: Annotated[float, typer.Option()] = 3_600.0,
+) -> None:
+    """Check on a schedule; retrain (Prefect flow, then the gate) when the policy says so."""
+    from monitoring.monitor import MonitorError, run_forever
+    from pipelines.steps import tracking
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    try:
+        with user_errors():
+            client = tracking.configure(settings)
+            run_forever(settings, client, _monitor_policy(window_rows, k, n, cooldown), interval, checks,
+                        lambda result: _print_check(result, False))
+    except MonitorError as error:
+        fail(str(error))
+
+
+@app.command("demo")
+def demo_cmd(
+    rows: Annotated[int, typer.Option(min=1_000)] = 50_000,
+    customers: Annotated[int, typer.Option(min=10)] = 2_000,
+    merchants: Annotated[int, typer.Option(min=5)] = 200,
+    traffic: Annotated[int, typer.Option(min=200, help="requests per traffic window")] = 2_000,
+) -> None:
+    """The whole loop on this machine: train, serve, drift, retrain, and the new champion served."""
+    from monitoring.demo import DemoConfig, DemoError, run
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    t0 = time.perf_counter()
+    try:
+        with user_errors():
+            summary = run(settings, DemoConfig(rows=rows, customers=customers, merchants=merchants, traffic=traffic),
+                          _progress)
+    except DemoError as error:
+        fail(str(error))
+    out.print(table(f"the loop, closed in {time.perf_counter() - t0:.0f}s", summary))
+    out.print("Look around: [bold]make ui[/] (MLflow: runs, versions, aliases, gate decisions), "
+              "[bold]driftloop monitor check[/], [bold]driftloop serve[/] then "
+              "[bold]driftloop predict --customer-id 7 --merchant-id 3 --amount 120 --explain[/].")
 
 
 @app.command("rollback")

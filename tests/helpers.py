@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import socket
@@ -50,7 +49,7 @@ def postgres_server() -> Iterator[str]:
 
     Its folder is a fresh one under /tmp: pytest's own are private to root, and initdb refuses root.
     """
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
     if not found or not found[-1]:
         raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
     bin_dir = Path(found[-1]).parent

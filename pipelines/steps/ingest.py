@@ -18,8 +18,8 @@ import pandas as pd
 
 from driftloop.contracts import CHANNELS, LABEL, LABEL_TIMESTAMP, MERCHANT_CATEGORIES, TIMESTAMP
 
-Drift = Literal["none", "covariate", "concept", "quality"]
-DRIFTS: tuple[str, ...] = ("none", "covariate", "concept", "quality")
+Drift = Literal["none", "covariate", "concept", "shift", "quality"]
+DRIFTS: tuple[str, ...] = ("none", "covariate", "concept", "shift", "quality")  # shift: covariate + concept
 FILES = ("customers", "merchants", "transactions")
 
 
@@ -33,6 +33,7 @@ class GeneratorConfig:
     seed: int = 7
     drift: Drift = "none"
     drift_days: int = 7  # the drift covers the last N days; 0 means the whole range
+    stream: int = 0  # > 0: other transactions by the same customers and merchants (fresh traffic)
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.customers < 1 or self.merchants < 1 or self.days < 2:
@@ -93,6 +94,8 @@ def generate(cfg: GeneratorConfig) -> GeneratedData:
     merch["created_timestamp"] = merch[TIMESTAMP]
 
     # Transactions, after the first snapshot so every one has features as of its time.
+    if cfg.stream:
+        rng = np.random.default_rng([cfg.seed, cfg.stream])
     n = cfg.rows
     seconds = rng.uniform(86_400, cfg.days * 86_400, n)
     ts = (pd.Timestamp(start) + pd.to_timedelta(np.sort(seconds), unit="s")).floor("s")
@@ -102,7 +105,8 @@ def generate(cfg: GeneratorConfig) -> GeneratedData:
     amount = c_spend[cust_idx] * rng.lognormal(0.0, 0.6, n)
     distance = np.where(channel_idx == 1, rng.exponential(400.0, n), rng.exponential(15.0, n))
     tx = pd.DataFrame({
-        "transaction_id": [f"tx-{cfg.seed}-{i:08d}" for i in range(n)],
+        "transaction_id": [f"tx-{cfg.seed}-{cfg.stream}-{i:08d}" if cfg.stream else f"tx-{cfg.seed}-{i:08d}"
+                           for i in range(n)],
         "customer_id": c_ids[cust_idx],
         "merchant_id": m_ids[merch_idx],
         TIMESTAMP: ts,
@@ -112,7 +116,7 @@ def generate(cfg: GeneratorConfig) -> GeneratedData:
         "distance_km": distance,
     })
     in_drift = _drift_mask(tx, end, cfg)
-    if cfg.drift == "covariate":
+    if cfg.drift in ("covariate", "shift"):
         _covariate_drift(tx, in_drift, rng)
 
     # The label, from the features as of the transaction's day (what Feast's join will return).
@@ -123,7 +127,7 @@ def generate(cfg: GeneratorConfig) -> GeneratedData:
     online = (tx["channel"] == "online").to_numpy()
     night = (tx["hour_of_day"] < 6).to_numpy()
     dist = np.log1p(np.nan_to_num(tx["distance_km"].to_numpy(), nan=50.0) / 50.0)
-    concept = in_drift & (cfg.drift == "concept")
+    concept = in_drift & (cfg.drift in ("concept", "shift"))
     amount_effect = np.where(concept, -1.2, 1.2)  # after a concept drift, fraud hides in small amounts
     channel_effect = np.where(concept, -0.9, 0.9)
     logit = (

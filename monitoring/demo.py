@@ -1,0 +1,189 @@
+"""``make demo``: the whole loop on one machine, told as it runs.
+
+data -> features -> training through the Prefect flow -> champion -> served -> normal traffic -> the world
+shifts -> drifted traffic -> drift detected -> retraining (Prefect flow, promotion gate) -> the new
+champion answers without a restart. Each step runs the same ``driftloop`` command a user would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import pandas as pd
+
+from driftloop.contracts import REQUEST_FEATURES
+from driftloop.settings import Settings
+from pipelines.steps import ingest
+
+Say = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    rows: int = 50_000
+    customers: int = 2_000
+    merchants: int = 200
+    days: int = 60
+    traffic: int = 2_000  # requests per traffic window
+    seed: int = 7
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _driftloop(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "driftloop", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DemoError(f"`driftloop {' '.join(args)}` failed: {result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send_traffic(url: str, cfg: DemoConfig, stream: int, drift: str, label: str) -> dict:
+    """POST one window of new transactions by entity (features from the online store); 8 at a time."""
+    gen = ingest.GeneratorConfig(rows=cfg.traffic, customers=cfg.customers, merchants=cfg.merchants, days=cfg.days,
+                                 seed=cfg.seed, stream=stream, drift=drift, drift_days=0)
+    tx = ingest.generate(gen).transactions
+    requests = [{"transaction_id": f"{label}-{row['transaction_id']}", "customer_id": int(row["customer_id"]),
+                 "merchant_id": int(row["merchant_id"]),
+                 **{c.name: (None if row[c.name] != row[c.name] else row[c.name]) for c in REQUEST_FEATURES}}
+                for row in tx.to_dict("records")]
+    versions: dict[str, int] = {}
+    failures = 0
+    lock = threading.Lock()
+
+    def worker(chunk: list[dict]) -> None:
+        nonlocal failures
+        with httpx.Client(timeout=10) as client:
+            for instance in chunk:
+                response = client.post(url, json={"instances": [instance]})
+                with lock:
+                    if response.status_code == 200:
+                        version = response.json()["model_version"]
+                        versions[version] = versions.get(version, 0) + 1
+                    else:
+                        failures += 1
+
+    threads = [threading.Thread(target=worker, args=(requests[i::8],)) for i in range(8)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    return {"requests": len(requests), "failures": failures, "versions": versions,
+            "rps": round(len(requests) / seconds), "labels": tx[["transaction_id", "is_fraud"]].assign(
+                transaction_id=lambda f: label + "-" + f["transaction_id"])}
+
+
+def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:
+    """Run the loop; return the summary. Leaves the state dir for the UIs to show."""
+    from mlflow.tracking import MlflowClient
+
+    from monitoring.monitor import MonitorPolicy, check, retrain_locally
+    from monitoring.retrain import TriggerPolicy
+    from pipelines.steps import tracking
+
+    gen = ("--rows", str(cfg.rows), "--customers", str(cfg.customers), "--merchants", str(cfg.merchants),
+           "--days", str(cfg.days), "--seed", str(cfg.seed))
+    say("data", f"generating {cfg.rows:,} transactions of {cfg.customers:,} customers at {cfg.merchants} merchants")
+    _driftloop("data", "generate", *gen)
+    say("features", "feast apply + materialize into the online store")
+    _driftloop("features", "apply")
+    _driftloop("features", "materialize")
+    say("train", "training through the Prefect flow (ephemeral local server) and the promotion gate")
+    first = json.loads(_driftloop("train", "--engine", "prefect", "--json").strip().splitlines()[-1])
+    say("train", f"v{first['decision']['version']} -> {first['decision']['alias']} "
+                 f"(holdout AUC {first['metrics']['auc']:.3f})")
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1/models/{settings.model_name}:predict"
+    log = (settings.state / "demo-server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "serving", "--port", str(port), "--reload-interval", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/v2/models/{settings.model_name}/ready", server)
+        say("serve", f"KServe model server on port {port}, serving the champion")
+        client = tracking.configure(settings)
+        policy = MonitorPolicy(window_rows=cfg.traffic, trigger=TriggerPolicy(k=1, n=1, cooldown_s=0))
+
+        normal = send_traffic(url, cfg, 1, "none", "normal")
+        say("traffic", f"{normal['requests']:,} normal requests by entity (sent at {normal['rps']}/s by this "
+                       f"demo's client), {normal['failures']} failed")
+        quiet = check(settings, client, policy, retrain=retrain_locally(settings))
+        say("monitor", f"window 1: {quiet.verdict} (drift share {quiet.drift_share:.0%})")
+
+        say("world", "the world shifts: bigger, more online, more distant payments, and fraud changes its habits")
+        _driftloop("data", "generate", *gen, "--drift", "shift", "--drift-days", "14")
+        _driftloop("features", "materialize")
+        shifted = send_traffic(url, cfg, 2, "shift", "shifted")
+        say("traffic", f"{shifted['requests']:,} requests from the shifted world, {shifted['failures']} failed")
+        say("monitor", "checking the window; drift triggers a retraining (Prefect flow, then the gate)")
+        drifted = check(settings, client, policy, retrain=retrain_locally(settings))
+        say("monitor", f"window 2: {drifted.verdict} in {', '.join(drifted.drifted_columns) or 'no columns'}")
+        retraining = drifted.retraining.reason if drifted.retraining else "not triggered"
+        say("retrain", retraining)
+        champion = str(MlflowClient(settings.tracking_uri, settings.tracking_uri)
+                       .get_model_version_by_alias(settings.model_name, "champion").version)
+        after = _until_served(url, cfg, champion)
+        say("serve", f"now answered by v{champion}, without a restart: {after['versions']}, "
+                     f"{after['failures']} failed")
+        labels = settings.state / "demo-labels.parquet"
+        pd.concat([normal["labels"], shifted["labels"]]).to_parquet(labels)
+        _driftloop("labels", "ingest", str(labels))
+        say("labels", "late labels ingested: served performance is monitored from now on")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    return {
+        "first champion": f"v{first['decision']['version']} (AUC {first['metrics']['auc']:.3f})",
+        "window 1": f"{quiet.verdict}, drift share {quiet.drift_share:.0%}",
+        "window 2": f"{drifted.verdict}, drift share {drifted.drift_share:.0%} "
+                    f"({', '.join(drifted.drifted_columns)})",
+        "retraining": retraining,
+        "champion now": f"v{champion}",
+        "requests": f"{normal['requests'] + shifted['requests'] + after['requests']:,}, "
+                    f"{normal['failures'] + shifted['failures'] + after['failures']} failed",
+    }
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the model server exited with {proc.returncode}; see demo-server.log")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise DemoError(f"the model server was not ready in {timeout:.0f} s")
+
+
+def _until_served(url: str, cfg: DemoConfig, version: str, timeout: float = 30) -> dict:
+    """Traffic until the server answers with ``version`` (it polls the alias every second)."""
+    deadline = time.monotonic() + timeout
+    small = dataclasses.replace(cfg, traffic=200)
+    while True:
+        result = send_traffic(url, small, 3, "shift", "after")
+        if version in result["versions"] or time.monotonic() > deadline:
+            return result
+
