@@ -32,6 +32,7 @@ data_app = typer.Typer(help="Generate the reference use case's data.", no_args_i
 features_app = typer.Typer(help="The Feast feature store.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="Pipeline definitions for orchestrators.", no_args_is_help=True)
 labels_app = typer.Typer(help="Late ground truth for logged predictions.", no_args_is_help=True)
+batch_app = typer.Typer(help="Batch inference with the champion.", no_args_is_help=True)
 monitor_app = typer.Typer(help="Drift and performance checks on the inference log; retraining.",
                           no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -39,6 +40,7 @@ app.add_typer(features_app, name="features")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(labels_app, name="labels")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(batch_app, name="batch")
 app.add_typer(drift_app, name="drift")
 
 out = Console()
@@ -347,9 +349,13 @@ def monitor_run(
     k: Annotated[int, typer.Option()] = 2,
     n: Annotated[int, typer.Option()] = 3,
     cooldown: Annotated[float, typer.Option()] = 3_600.0,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    webhook: Annotated[str | None, typer.Option(help="POST every signal and retraining decision here")] = None,
 ) -> None:
     """Check on a schedule; retrain (Prefect flow, then the gate) when the policy says so."""
-    from monitoring.monitor import MonitorError, run_forever
+    from prometheus_client import start_http_server
+
+    from monitoring.monitor import MonitorError, MonitorMetrics, run_forever
     from pipelines.steps import tracking
 
     quiet_libraries()
@@ -357,8 +363,11 @@ def monitor_run(
     try:
         with user_errors():
             client = tracking.configure(settings)
+            metrics = MonitorMetrics()
+            if metrics_port is not None:
+                start_http_server(metrics_port, addr="0.0.0.0")  # noqa: S104 - scraped from inside the cluster
             run_forever(settings, client, _monitor_policy(window_rows, k, n, cooldown), interval, checks,
-                        lambda result: _print_check(result, False))
+                        lambda result: _print_check(result, False), metrics, webhook)
     except MonitorError as error:
         fail(str(error))
 
@@ -386,6 +395,39 @@ def demo_cmd(
     out.print("Look around: [bold]make ui[/] (MLflow: runs, versions, aliases, gate decisions), "
               "[bold]driftloop monitor check[/], [bold]driftloop serve[/] then "
               "[bold]driftloop predict --customer-id 7 --merchant-id 3 --amount 120 --explain[/].")
+
+
+@batch_app.command("score")
+def batch_score(
+    input_path: Annotated[Path, typer.Argument(help="Parquet: entity keys, request features[, event_timestamp]")],
+    output_path: Annotated[Path, typer.Argument(help="where to write the scored Parquet")],
+    engine: Annotated[Engine, typer.Option(help="local, or prefect (a flow run)")] = Engine.local,
+) -> None:
+    """Score a file of transactions with the champion (features point-in-time, or online)."""
+    from dataclasses import asdict
+
+    from serving.batch import BatchError, score_file
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    try:
+        with user_errors():
+            if engine is Engine.prefect:
+                from pipelines import training
+
+                os.environ.update(training.prefect_environment(settings))
+                from pipelines.prefect_flow import batch_scoring_flow
+
+                summary = batch_scoring_flow(settings, str(input_path), str(output_path))
+            elif engine is Engine.local:
+                summary = asdict(score_file(settings, input_path, output_path))
+            else:
+                fail("batch scoring runs with --engine local or prefect")
+    except BatchError as error:
+        fail(str(error))
+    out.print(table(f"scored {summary['rows']:,} rows in {summary['seconds']:.1f}s", {
+        "model": f"{settings.model_name} v{summary['model_version']}", "output": summary["output"],
+        "features": "point-in-time (offline store)" if summary["point_in_time"] else "online store (now)"}))
 
 
 @app.command("rollback")

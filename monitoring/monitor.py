@@ -9,6 +9,7 @@ Data-quality issues are reported, never a reason to retrain: a model trained on 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
+import httpx
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from driftloop.contracts import MODEL_FEATURES
 from driftloop.settings import Settings
@@ -27,6 +30,8 @@ from monitoring.drift import DriftPolicy, ReferenceProfile, build_profile, check
 from monitoring.labels import performance
 from monitoring.retrain import Decision, RetrainState, TriggerPolicy, maybe_retrain
 from pipelines.steps.register import CHAMPION
+
+log = logging.getLogger(__name__)
 
 
 class MonitorError(RuntimeError):
@@ -58,6 +63,7 @@ class CheckResult:
     champion_auc: float | None
     signal: bool
     reasons: tuple[str, ...]
+    column_scores: dict[str, float | None] = field(default_factory=dict)  # drift score per feature
     retraining: Decision | None = None
 
     def as_dict(self) -> dict:
@@ -110,6 +116,8 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
     if report.verdict == "drift":
         reasons.append(f"drift in {len(report.drifted_columns)} of {len(report.columns)} columns "
                        f"({', '.join(report.drifted_columns)})")
+    if report.prediction is not None and report.prediction.drifted:
+        reasons.append(f"prediction drift ({report.prediction.method} {report.prediction.score:.3f})")
     if served is not None and champion_auc is not None and served < champion_auc - policy.auc_drop:
         reasons.append(f"served AUC {served:.3f} fell below the champion's {champion_auc:.3f} - {policy.auc_drop}")
     window_id = (f"{version}:{window['ts'].min():.6f}-{window['ts'].max():.6f}:{len(window)}" if len(window)
@@ -127,6 +135,7 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
         prediction_drift=report.prediction.drifted if report.prediction else None,
         quality_issues=report.quality_issues, served_auc=served, champion_auc=champion_auc,
         signal=bool(reasons), reasons=tuple(reasons), retraining=decision,
+        column_scores={name: c.score for name, c in report.columns.items()},
     )
 
 
@@ -145,12 +154,58 @@ def retrain_locally(settings: Settings) -> Callable[[], str]:
     return run
 
 
+class MonitorMetrics:
+    """Prometheus metrics of the monitor (``driftloop monitor run --metrics-port``)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.drift_share = Gauge("driftloop_monitor_drift_share", "share of drifted features in the last window",
+                                 ["model"], registry=registry)
+        self.feature_score = Gauge("driftloop_monitor_feature_drift_score", "drift score per feature, last window",
+                                   ["model", "feature"], registry=registry)
+        self.served_auc = Gauge("driftloop_monitor_served_auc", "AUC of labelled served predictions, last window",
+                                ["model"], registry=registry)
+        self.last_check = Gauge("driftloop_monitor_last_check_timestamp_seconds", "when the last check ran",
+                                ["model"], registry=registry)
+        self.checks = Counter("driftloop_monitor_checks", "checks by verdict", ["model", "verdict"],
+                              registry=registry)
+        self.retrainings = Counter("driftloop_monitor_retrainings", "retraining decisions by outcome",
+                                   ["model", "outcome"], registry=registry)
+
+    def observe(self, model: str, result: CheckResult) -> None:
+        self.drift_share.labels(model).set(result.drift_share)
+        for feature, score in result.column_scores.items():
+            if score is not None:
+                self.feature_score.labels(model, feature).set(score)
+        if result.served_auc is not None:
+            self.served_auc.labels(model).set(result.served_auc)
+        self.last_check.labels(model).set(time.time())
+        self.checks.labels(model, result.verdict).inc()
+        if result.retraining is not None:
+            self.retrainings.labels(model, result.retraining.outcome).inc()
+
+
+def notify(url: str, result: CheckResult, timeout_s: float = 5.0) -> bool:
+    """POST the decision to a webhook; a failing webhook is logged, never fatal to monitoring."""
+    try:
+        httpx.post(url, json={"event": "driftloop.monitor.check", **result.as_dict()}, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        log.warning("webhook %s failed: %s", url, error)
+        return False
+    return True
+
+
 def run_forever(settings: Settings, client: MlflowClient, policy: MonitorPolicy, interval_s: float,
-                checks: int | None, report: Callable[[CheckResult], None]) -> None:
+                checks: int | None, report: Callable[[CheckResult], None], metrics: MonitorMetrics | None = None,
+                webhook: str | None = None) -> None:
     """Check every ``interval_s`` seconds (``checks`` times, or until interrupted)."""
     done = 0
     while checks is None or done < checks:
-        report(check(settings, client, policy, retrain_locally(settings)))
+        result = check(settings, client, policy, retrain_locally(settings))
+        report(result)
+        if metrics is not None:
+            metrics.observe(settings.model_name, result)
+        if webhook and (result.signal or result.retraining is not None):
+            notify(webhook, result)
         done += 1
         if checks is None or done < checks:
             time.sleep(interval_s)

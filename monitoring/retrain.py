@@ -35,6 +35,7 @@ class Decision:
     start: bool
     reason: str
     key: str | None = None
+    outcome: str = "started"  # started | too_few_signals | already_done | running | cooldown
 
 
 SCHEMA = """
@@ -73,19 +74,21 @@ class RetrainState:
             signals = [w for w, s in recent if s]
             if len(signals) < policy.k:
                 return self._done(db, Decision(False, f"signal in {len(signals)} of the last {len(recent)} "
-                                                      f"windows; {policy.k} of {policy.n} needed"))
+                                                      f"windows; {policy.k} of {policy.n} needed",
+                                               outcome="too_few_signals"))
             key = hashlib.sha256(",".join(sorted(signals)).encode()).hexdigest()[:16]
             now = self._clock()
             if db.execute("SELECT 1 FROM retrainings WHERE key = ?", (key,)).fetchone():
-                return self._done(db, Decision(False, f"already retrained for these windows (key {key})", key))
+                return self._done(db, Decision(False, f"already retrained for these windows (key {key})", key,
+                                               "already_done"))
             running = db.execute("SELECT key FROM retrainings WHERE status = 'running' AND started > ?",
                                  (now - policy.lease_s,)).fetchone()
             if running:
-                return self._done(db, Decision(False, f"retraining {running[0]} is still running", key))
+                return self._done(db, Decision(False, f"retraining {running[0]} is still running", key, "running"))
             last = db.execute("SELECT MAX(started) FROM retrainings").fetchone()[0]
             if last is not None and now - last < policy.cooldown_s:
                 wait = policy.cooldown_s - (now - last)
-                return self._done(db, Decision(False, f"cooldown: {wait:.0f} s left", key))
+                return self._done(db, Decision(False, f"cooldown: {wait:.0f} s left", key, "cooldown"))
             db.execute("INSERT INTO retrainings VALUES (?, ?, NULL, 'running', '')", (key, now))
             return self._done(db, Decision(True, f"signal in {len(signals)} of the last {len(recent)} windows",
                                            key))
@@ -122,4 +125,4 @@ def maybe_retrain(state: RetrainState, policy: TriggerPolicy, run: Callable[[], 
         state.finish(decision.key, "failed", f"{type(error).__name__}: {error}")
         raise
     state.finish(decision.key, "done", detail)
-    return decision
+    return Decision(True, f"{decision.reason}; {detail}", decision.key)

@@ -34,3 +34,15 @@ def training_flow(settings: Settings, config: TrainingConfig) -> TrainingResult:
 def run_prefect(settings: Settings, config: TrainingConfig) -> TrainingResult:
     """Run the flow; call with ``prefect_environment`` already in ``os.environ``."""
     return training_flow(settings, config)
+
+
+@flow(name="driftloop-batch-scoring", validate_parameters=False)
+def batch_scoring_flow(settings: Settings, input_path: str, output_path: str) -> dict:
+    """Score a Parquet file with the champion (``serving.batch``), for a schedule or a deployment."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from serving.batch import score_file
+
+    scored = task(score_file, name="score", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+    return asdict(scored(settings, Path(input_path), Path(output_path)))

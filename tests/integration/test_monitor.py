@@ -114,3 +114,42 @@ def test_cli_check_retrains_through_the_prefect_flow_and_the_gate(state):
     assert len(versions) == 2  # the retrained model was registered; the gate chose its alias
     human = run_cli("monitor", "check")
     assert human.returncode == 0 and "drift check" in human.stdout
+
+
+def test_run_exports_metrics_and_calls_the_webhook(state):
+    import http.server
+    import threading
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from monitoring.monitor import MonitorMetrics, run_forever
+
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    serve(state, traffic(stream=71, drift="covariate"))
+    registry = CollectorRegistry()
+    results = []
+    try:
+        run_forever(state, client_of(state), MonitorPolicy(trigger=TriggerPolicy(k=3, n=3)), 0.0, 2,
+                    results.append, MonitorMetrics(registry), f"http://127.0.0.1:{hook.server_port}/hook")
+    finally:
+        hook.shutdown()
+    assert len(results) == 2 and all(r.verdict == "drift" for r in results)
+    text = generate_latest(registry).decode()
+    assert 'driftloop_monitor_checks_total{model="driftloop-fraud",verdict="drift"} 2.0' in text
+    assert 'driftloop_monitor_retrainings_total{model="driftloop-fraud",outcome="too_few_signals"} 2.0' in text
+    assert 'driftloop_monitor_feature_drift_score{feature="amount",model="driftloop-fraud"}' in text
+    assert "driftloop_monitor_last_check_timestamp_seconds" in text
+    assert len(received) == 2 and received[0]["event"] == "driftloop.monitor.check"
+    assert received[0]["verdict"] == "drift" and "amount" in received[0]["drifted_columns"]

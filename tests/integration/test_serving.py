@@ -317,3 +317,39 @@ def test_records_logged_equal_requests_answered_through_a_sigterm(state):
         assert again.predict(GOOD).status_code == 200
     finally:
         again.stop()
+
+
+def test_batch_scoring_matches_the_server(server, state, tmp_path):
+    from tests.helpers import run_cli
+
+    rows = pd.DataFrame({"customer_id": [7, 8, 9], "merchant_id": [3, 4, 5], "amount": [120.5, 3.0, 999.0],
+                         "channel": ["online", "pos", "atm"], "hour_of_day": [3, 14, 23],
+                         "distance_km": [12.0, None, 4000.0]})
+    rows.to_parquet(tmp_path / "in.parquet")
+    env = {"DRIFTLOOP_STATE_DIR": str(state)}
+    result = run_cli("batch", "score", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet"), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    plain = [{k: (None if v != v else (v.item() if hasattr(v, "item") else v)) for k, v in r.items()}
+             for r in rows.to_dict("records")]
+    online = server.predict(*plain)
+    assert out["fraud_probability"].tolist() == pytest.approx(online.json()["predictions"], rel=1e-6)
+    assert set(out["model_version"]) == {online.json()["model_version"]}
+
+    # with event times: point-in-time features, the same as a full-feature request with offline values
+    timed = rows.head(1).assign(event_timestamp=[pd.Timestamp(AS_OF)])
+    timed.to_parquet(tmp_path / "timed.parquet")
+    result = run_cli("batch", "score", str(tmp_path / "timed.parquet"), str(tmp_path / "timed-out.parquet"),
+                     "--engine", "prefect", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "point-in-time" in result.stdout
+    offline = offline_row(state, 7, 3)
+    full = server.predict({**{k: v for k, v in plain[0].items() if k not in ("customer_id", "merchant_id")},
+                           **{k: (v.item() if hasattr(v, "item") else v) for k, v in offline.items()}})
+    scored = pd.read_parquet(tmp_path / "timed-out.parquet")["fraud_probability"].iloc[0]
+    assert scored == pytest.approx(full.json()["predictions"][0], rel=1e-6)
+
+    rows.drop(columns="channel").to_parquet(tmp_path / "bad.parquet")
+    bad = run_cli("batch", "score", str(tmp_path / "bad.parquet"), str(tmp_path / "x.parquet"), env=env)
+    assert bad.returncode == 1 and "lacks columns ['channel']" in bad.stderr
+    assert not (tmp_path / "x.parquet").exists()
