@@ -502,20 +502,55 @@ def predict_cmd(
 @app.command("ui")
 def ui_cmd(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 5000,
-    workers: Annotated[int, typer.Option(min=1, help="server processes; one is plenty for a laptop")] = 1,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow: runs, model versions, aliases, gate decisions")] = 5000,
+    evidently_port: Annotated[int, typer.Option(help="Evidently: drift dashboards, one snapshot per check")] = 8000,
+    prefect_port: Annotated[int, typer.Option(help="Prefect: flow runs of training and batch scoring")] = 4200,
+    only: Annotated[str | None, typer.Option(help="serve just one: mlflow, evidently or prefect")] = None,
 ) -> None:
-    """Serve the MLflow UI on the configured store (runs, the registered model and its aliases)."""
+    """Serve the UIs on the configured stores, side by side; Ctrl-C stops them all."""
+    import signal
+    import subprocess
+
+    from monitoring.dashboard import UI_ENV, ui_command, workspace_path
+    from pipelines.training import prefect_environment
+
     settings = settings_or_fail()
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", host, "--port", str(port),
-               "--workers", str(workers), "--backend-store-uri", settings.tracking_uri]
+    bin_dir = Path(sys.executable).parent
+    mlflow_cmd = [str(bin_dir / "mlflow"), "server", "--host", host, "--port", str(mlflow_port), "--workers", "1",
+                  "--backend-store-uri", settings.tracking_uri]
     if settings.artifact_root:
-        command += ["--default-artifact-root", settings.artifact_root]
+        mlflow_cmd += ["--default-artifact-root", settings.artifact_root]
     if settings.tracking_uri.startswith("sqlite:///"):
         Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    store = settings.locations()["mlflow_tracking_uri"]
-    out.print(f"MLflow UI on http://{host}:{port} (store: {store}); Ctrl-C stops it")
-    os.execv(command[0], command)  # noqa: S606 - replace this process: signals go straight to the server
+    workspace_path(settings).mkdir(parents=True, exist_ok=True)
+    uis = {
+        "mlflow": (mlflow_cmd, mlflow_port, {}),
+        "evidently": (ui_command(settings, host, evidently_port), evidently_port, UI_ENV),
+        "prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
+                    prefect_port, prefect_environment(settings)),
+    }
+    if only is not None and only not in uis:
+        fail(f"--only takes one of {', '.join(uis)}, not {only!r}")
+    chosen = {name: ui for name, ui in uis.items() if only in (None, name)}
+    procs = []
+    for name, (command, port, env) in chosen.items():
+        procs.append(subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        out.print(f"{name:<10} http://{host}:{port}")
+    out.print("Ctrl-C stops them.")
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        stop()
+        for proc in procs:
+            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:

@@ -158,7 +158,7 @@ def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:
         "window 2": f"{drifted.verdict}, drift share {drifted.drift_share:.0%} "
                     f"({', '.join(drifted.drifted_columns)})",
         "retraining": retraining,
-        "champion now": f"v{champion}",
+        "champion now": f"v{champion}, answering requests: v{max(after['versions'], key=after['versions'].get)}",
         "requests": f"{normal['requests'] + shifted['requests'] + after['requests']:,}, "
                     f"{normal['failures'] + shifted['failures'] + after['failures']} failed",
     }

@@ -47,6 +47,7 @@ class MonitorPolicy:
     trigger: TriggerPolicy = field(default_factory=TriggerPolicy)
     auc_drop: float = 0.05  # a performance signal when served AUC < the champion's holdout AUC - this
     min_labels: int = 200
+    dashboards: bool = True  # one Evidently snapshot per check (``driftloop ui`` shows them)
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,6 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
     if report.verdict == "drift":
         reasons.append(f"drift in {len(report.drifted_columns)} of {len(report.columns)} columns "
                        f"({', '.join(report.drifted_columns)})")
-    if report.prediction is not None and report.prediction.drifted:
-        reasons.append(f"prediction drift ({report.prediction.method} {report.prediction.score:.3f})")
     if served is not None and champion_auc is not None and served < champion_auc - policy.auc_drop:
         reasons.append(f"served AUC {served:.3f} fell below the champion's {champion_auc:.3f} - {policy.auc_drop}")
     window_id = (f"{version}:{window['ts'].min():.6f}-{window['ts'].max():.6f}:{len(window)}" if len(window)
@@ -129,7 +128,7 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
     decision = None
     if retrain is not None and reasons:
         decision = maybe_retrain(state, policy.trigger, retrain)
-    return CheckResult(
+    result = CheckResult(
         window_id=window_id, model_version=version, rows=len(window), verdict=report.verdict,
         drift_share=report.drift_share, drifted_columns=report.drifted_columns,
         prediction_drift=report.prediction.drifted if report.prediction else None,
@@ -137,6 +136,15 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
         signal=bool(reasons), reasons=tuple(reasons), retraining=decision,
         column_scores={name: c.score for name, c in report.columns.items()},
     )
+    if policy.dashboards:
+        try:  # the dashboard is a view of the check: failing to record it must never fail the check
+            from monitoring.dashboard import record_check, reference_from_profile
+
+            record_check(settings, window, reference_from_profile(profile),
+                         {**result.as_dict(), "drift": report.to_dict()}, time.time())
+        except Exception:
+            log.warning("could not record the check on the Evidently dashboard", exc_info=True)
+    return result
 
 
 def retrain_locally(settings: Settings) -> Callable[[], str]:

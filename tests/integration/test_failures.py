@@ -140,3 +140,23 @@ def test_unknown_generator_drift_is_refused(tmp_path):
 
 
 
+
+
+def test_a_training_killed_midway_moves_no_alias(settings):
+    import signal
+    import subprocess
+    import sys
+
+    first = training.run_local(settings, training.TrainingConfig(as_of=AS_OF))
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop", "train", *AS_OF_ARG, "--n-estimators", "3000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # progress lines: kill it once training has started
+        if "train" in line and "start" in line:
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    assert str(client.get_model_version_by_alias(settings.model_name, "champion").version) == first.decision.version
+    assert versions(settings) == ["1"]

@@ -29,7 +29,9 @@ def get(url: str) -> bytes:
 def test_ui_shows_runs_and_the_registered_model_with_aliases(settings):
     result = training.run_local(settings, training.TrainingConfig(as_of=AS_OF))
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "driftloop", "ui", "--port", str(port)],
+    evidently = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "driftloop", "ui", "--mlflow-port", str(port),
+                               "--evidently-port", str(evidently), "--prefect-port", str(free_port())],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -48,6 +50,14 @@ def test_ui_shows_runs_and_the_registered_model_with_aliases(settings):
         assert aliases == {"champion": result.decision.version}
         runs = json.loads(get(f"{base}/ajax-api/2.0/mlflow/runs/get?run_id={result.run_id}"))
         assert runs["run"]["info"]["status"] == "FINISHED"
+        deadline = time.monotonic() + 60
+        while True:  # the Evidently UI, beside it
+            try:
+                assert b"<html" in get(f"http://127.0.0.1:{evidently}/").lower()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Evidently UI did not start in 60 s"
+                time.sleep(0.5)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=60)
