@@ -326,7 +326,7 @@ def monitor_check(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One drift and performance check on the latest window of the inference log."""
-    from monitoring.monitor import MonitorError, check, retrain_locally
+    from monitoring.monitor import MonitorError, check, retrain_for
     from pipelines.steps import tracking
 
     quiet_libraries()
@@ -335,7 +335,7 @@ def monitor_check(
         with user_errors():
             client = tracking.configure(settings)
             result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown),
-                           retrain_locally(settings) if retrain else None)
+                           retrain_for(settings) if retrain else None)
     except MonitorError as error:
         fail(str(error))
     _print_check(result, as_json)
@@ -496,6 +496,22 @@ def predict_cmd(
         top = sorted(body["explanations"][0].items(), key=lambda kv: -abs(kv[1]))[:5]
         rows["top contributions"] = ", ".join(f"{k} {v:+.3f}" for k, v in top)
     out.print(table(f"{settings.model_name}:{verb}", rows))
+
+
+@pipeline_app.command("serve")
+def pipeline_serve() -> None:
+    """Register the retraining deployment on the Prefect server (PREFECT_API_URL) and run its flow runs."""
+    from pipelines import training
+
+    quiet_libraries()
+    settings = settings_or_fail()
+    os.environ.update(training.prefect_environment(settings))
+    if not os.environ.get("PREFECT_API_URL"):
+        fail("set PREFECT_API_URL to the Prefect server's API (e.g. http://prefect-server:4200/api)")
+    from pipelines.prefect_flow import RETRAINING_DEPLOYMENT, serve_retraining
+
+    out.print(f"serving deployment {RETRAINING_DEPLOYMENT} on {os.environ['PREFECT_API_URL']}; Ctrl-C stops it")
+    serve_retraining()
 
 
 # ui -------------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Pipelines
     image: str = Field("driftloop:0.1.0", description="the project image, for KFP components")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="XGBoost device; auto: cuda if present")
+    retrain: Literal["local", "deployment"] = Field(
+        "local", description="local: the Prefect flow in a child process; deployment: the driftloop-retraining "
+        "deployment on the Prefect server at PREFECT_API_URL (`driftloop pipeline serve` runs it)")
 
     @model_validator(mode="after")
     def _cluster_needs_servers(self) -> Settings:
@@ -142,6 +145,7 @@ class Settings(BaseSettings):
             "inference_log": str(self.inference_log_path),
             "image": self.image,
             "device": self.device,
+            "retrain": self.retrain,
         }
 
 

@@ -202,13 +202,34 @@ def notify(url: str, result: CheckResult, timeout_s: float = 5.0) -> bool:
     return True
 
 
+def retrain_with_deployment(timeout_s: float = 3_600.0) -> Callable[[], str]:
+    """Retraining on a cluster: a run of the ``driftloop-retraining`` deployment, waited for."""
+
+    def run() -> str:
+        from prefect.deployments import run_deployment
+
+        from pipelines.prefect_flow import RETRAINING_DEPLOYMENT
+
+        flow_run = run_deployment(RETRAINING_DEPLOYMENT, timeout=timeout_s, as_subflow=False)
+        state = flow_run.state
+        if state is None or not state.is_completed():
+            raise MonitorError(f"retraining flow run {flow_run.name} ended {state.name if state else 'unknown'}")
+        return f"flow run {flow_run.name} completed"
+
+    return run
+
+
+def retrain_for(settings: Settings) -> Callable[[], str]:
+    return retrain_with_deployment() if settings.retrain == "deployment" else retrain_locally(settings)
+
+
 def run_forever(settings: Settings, client: MlflowClient, policy: MonitorPolicy, interval_s: float,
                 checks: int | None, report: Callable[[CheckResult], None], metrics: MonitorMetrics | None = None,
                 webhook: str | None = None) -> None:
     """Check every ``interval_s`` seconds (``checks`` times, or until interrupted)."""
     done = 0
     while checks is None or done < checks:
-        result = check(settings, client, policy, retrain_locally(settings))
+        result = check(settings, client, policy, retrain_for(settings))
         report(result)
         if metrics is not None:
             metrics.observe(settings.model_name, result)

@@ -46,3 +46,21 @@ def batch_scoring_flow(settings: Settings, input_path: str, output_path: str) ->
 
     scored = task(score_file, name="score", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
     return asdict(scored(settings, Path(input_path), Path(output_path)))
+
+
+RETRAINING = "driftloop-retraining"
+RETRAINING_DEPLOYMENT = f"{RETRAINING}/{RETRAINING}"
+
+
+@flow(name=RETRAINING, validate_parameters=False)
+def retraining_flow() -> dict:
+    """Retrain with the settings of the process serving the deployment (its environment), then gate."""
+    from driftloop.settings import load_settings
+
+    decision = training_flow(load_settings(), TrainingConfig()).decision
+    return {"version": decision.version, "alias": decision.alias, "reason": decision.reason}
+
+
+def serve_retraining() -> None:
+    """Register the retraining deployment on the Prefect server and run its flow runs, one at a time."""
+    retraining_flow.serve(name=RETRAINING, limit=1, print_starting_message=False)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -153,3 +154,56 @@ def test_run_exports_metrics_and_calls_the_webhook(state):
     assert "driftloop_monitor_last_check_timestamp_seconds" in text
     assert len(received) == 2 and received[0]["event"] == "driftloop.monitor.check"
     assert received[0]["verdict"] == "drift" and "amount" in received[0]["drifted_columns"]
+
+
+def test_on_a_cluster_retraining_runs_the_prefect_deployment(state, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    prefect_home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DRIFTLOOP_RETRAIN": "deployment"}
+    with (prefect_home / "server.log").open("w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server",
+                                   "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
+                time.sleep(0.5)
+        with (prefect_home / "serve.log").open("w") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "driftloop", "pipeline", "serve"], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/deployments/name/driftloop-retraining/driftloop-retraining",
+                                       timeout=2)
+                break
+            except OSError:
+                assert worker.poll() is None, (prefect_home / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the deployment was not registered"
+                time.sleep(0.5)
+        serve(state, traffic(stream=81, drift="covariate"))
+        result = run_cli("monitor", "check", "--retrain", "--k", "1", "--n", "1", "--json", env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        body = json.loads(result.stdout.strip().splitlines()[-1])
+        assert body["retraining"]["start"] and "completed" in body["retraining"]["reason"]
+        assert len(client_of(state).search_model_versions("name='driftloop-fraud'")) == 2
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
