@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pandas as pd
 
 from driftloop.contracts import LABEL, TRANSACTION_ID
 from driftloop.settings import Settings
+from monitoring.store import LogStore
 from pipelines.steps.evaluate import Metrics, compute
 
 
@@ -47,36 +46,20 @@ def read_labels(path: Path) -> pd.DataFrame:
         TRANSACTION_ID, keep="last")
 
 
-def _db(settings: Settings) -> sqlite3.Connection:
-    settings.inference_log_path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(settings.inference_log_path, timeout=30)
-    db.execute(f"CREATE TABLE IF NOT EXISTS labels ({TRANSACTION_ID} TEXT PRIMARY KEY, {LABEL} INTEGER)")
-    return db
-
-
 def ingest(settings: Settings, path: Path) -> IngestSummary:
     """Store the labels (all or none: one transaction) and say how many match logged predictions."""
     frame = read_labels(path)
-    with closing(_db(settings)) as db, db:
-        db.executemany("INSERT OR REPLACE INTO labels VALUES (?, ?)", frame.itertuples(index=False, name=None))
-        has_log = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchone()
-        matched = 0
-        if has_log:
-            ids = ",".join("?" * len(frame))
-            matched = db.execute(f"SELECT COUNT(DISTINCT {TRANSACTION_ID}) FROM predictions "  # noqa: S608
-                                 f"WHERE {TRANSACTION_ID} IN ({ids})", list(frame[TRANSACTION_ID])).fetchone()[0]
+    matched = LogStore(settings).upsert_labels(list(frame.itertuples(index=False, name=None)))
     return IngestSummary(len(frame), matched)
 
 
 def labelled_window(settings: Settings, since: float | None = None, until: float | None = None) -> pd.DataFrame:
     """Logged predictions in ``[since, until)`` (epoch seconds) that have a label."""
-    with closing(_db(settings)) as db:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchone():
-            return pd.DataFrame(columns=["score", LABEL, "channel", "ts"])
-        return pd.read_sql(
-            f"SELECT p.ts, p.score, p.channel, l.{LABEL} FROM predictions p "  # noqa: S608
-            f"JOIN labels l ON p.{TRANSACTION_ID} = l.{TRANSACTION_ID} WHERE p.ts >= ? AND p.ts < ?",
-            db, params=(since or 0.0, until or float("inf")))
+    frame = LogStore(settings).frame(
+        f"SELECT p.ts, p.score, p.channel, l.{LABEL} FROM predictions p JOIN labels l "  # noqa: S608
+        f"ON p.{TRANSACTION_ID} = l.{TRANSACTION_ID} WHERE p.ts >= {{p}} AND p.ts < {{p}}",
+        (since or 0.0, until if until is not None else 1e18))
+    return frame if len(frame.columns) else pd.DataFrame(columns=["ts", "score", "channel", LABEL])
 
 
 def performance(settings: Settings, since: float | None = None, until: float | None = None,

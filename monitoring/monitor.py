@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -29,6 +27,7 @@ from driftloop.settings import Settings
 from monitoring.drift import DriftPolicy, ReferenceProfile, build_profile, check_drift
 from monitoring.labels import performance
 from monitoring.retrain import Decision, RetrainState, TriggerPolicy, maybe_retrain
+from monitoring.store import LogStore
 from pipelines.steps.register import CHAMPION
 
 log = logging.getLogger(__name__)
@@ -93,13 +92,11 @@ def champion_profile(settings: Settings, client: MlflowClient) -> tuple[str, Ref
 
 
 def latest_window(settings: Settings, rows: int) -> pd.DataFrame:
-    """The newest ``rows`` logged predictions (local profile: the SQLite inference log)."""
-    if not settings.inference_log_path.exists():
+    """The newest ``rows`` logged predictions (SQLite locally, PostgreSQL on a cluster)."""
+    frame = LogStore(settings).frame("SELECT * FROM predictions ORDER BY ts DESC LIMIT {p}", (rows,))
+    if not len(frame.columns):
         return pd.DataFrame(columns=["ts", "model_version", "score", *MODEL_FEATURES])
-    with closing(sqlite3.connect(settings.inference_log_path, timeout=30)) as db:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchone():
-            return pd.DataFrame(columns=["ts", "model_version", "score", *MODEL_FEATURES])
-        return pd.read_sql("SELECT * FROM predictions ORDER BY ts DESC LIMIT ?", db, params=(rows,))
+    return frame
 
 
 def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,

@@ -1,0 +1,77 @@
+"""Reading the inference log and keeping labels: SQLite (local profile) or PostgreSQL (cluster profile).
+
+The server writes ``predictions`` (``serving.inference_log``); the monitor reads windows of it and keeps
+``labels`` beside it. The SQL is the common subset of both, with the driver's placeholder.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pandas as pd
+
+from driftloop.contracts import LABEL, TRANSACTION_ID
+from driftloop.settings import Settings
+
+
+class LogStore:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.postgres = settings.profile == "cluster"
+        self.p = "%s" if self.postgres else "?"
+
+    @contextmanager
+    def connect(self) -> Iterator[Any]:
+        """A connection in one transaction: committed on success, rolled back on error."""
+        if self.postgres:
+            import psycopg
+
+            with psycopg.connect(self.settings.postgres_dsn, connect_timeout=10) as db:
+                yield db
+            return
+        self.settings.inference_log_path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.settings.inference_log_path, timeout=30)
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def has(self, db: Any, table: str) -> bool:
+        if self.postgres:
+            return db.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None
+        return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone() is not None
+
+    def frame(self, sql: str, params: Iterable = ()) -> pd.DataFrame:
+        """Run a query (``{p}`` marks each parameter); an empty frame when there is no log yet."""
+        with self.connect() as db:
+            if not self.has(db, "predictions"):
+                return pd.DataFrame()
+            self._labels_table(db)
+            cursor = db.execute(sql.format(p=self.p), tuple(params))
+            return pd.DataFrame(cursor.fetchall(), columns=[d[0] for d in cursor.description])
+
+    def upsert_labels(self, rows: list[tuple[str, int]]) -> int:
+        """Store labels (the latest for a transaction wins); return how many match logged predictions."""
+        with self.connect() as db:
+            self._labels_table(db)
+            insert = (f"INSERT INTO labels VALUES ({self.p}, {self.p}) ON CONFLICT ({TRANSACTION_ID}) "  # noqa: S608
+                      f"DO UPDATE SET {LABEL} = excluded.{LABEL}")
+            if self.postgres:
+                with db.cursor() as cursor:
+                    cursor.executemany(insert, rows)
+            else:
+                db.executemany(insert, rows)
+            if not self.has(db, "predictions"):
+                return 0
+            ids = [r[0] for r in rows]
+            marks = ", ".join([self.p] * len(ids))
+            return db.execute(f"SELECT COUNT(DISTINCT {TRANSACTION_ID}) FROM predictions "  # noqa: S608
+                              f"WHERE {TRANSACTION_ID} IN ({marks})", ids).fetchone()[0]
+
+    @staticmethod
+    def _labels_table(db: Any) -> None:
+        db.execute(f"CREATE TABLE IF NOT EXISTS labels ({TRANSACTION_ID} TEXT PRIMARY KEY, {LABEL} INTEGER)")
