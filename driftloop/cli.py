@@ -54,12 +54,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message tells the user what to do: printed as one line, not a traceback."""
+    from monitoring.demo import DemoError
+    from monitoring.labels import LabelError
+    from monitoring.monitor import MonitorError
     from pipelines.steps.features import FeatureStoreError
     from pipelines.steps.register import RegistryError
     from pipelines.steps.tracking import TrackingError
     from pipelines.steps.validate import DataValidationError
+    from serving.batch import BatchError
 
-    return (SettingsError, FeatureStoreError, TrackingError, DataValidationError, RegistryError, FileNotFoundError)
+    return (SettingsError, FeatureStoreError, TrackingError, DataValidationError, RegistryError, MonitorError,
+            LabelError, BatchError, DemoError, FileNotFoundError)
 
 
 @contextmanager
@@ -278,14 +283,12 @@ def labels_ingest(
     file: Annotated[Path, typer.Argument(help="Parquet or CSV with transaction_id and is_fraud")],
 ) -> None:
     """Record late labels; performance of the served model is then monitored too."""
-    from monitoring.labels import LabelError, ingest, performance
+    from monitoring.labels import ingest, performance
 
     settings = settings_or_fail()
-    try:
+    with user_errors():
         summary = ingest(settings, file)
-    except LabelError as error:
-        fail(str(error))
-    metrics = performance(settings)
+        metrics = performance(settings)
     out.print(table("labels ingested", {
         "labels": f"{summary.rows:,} ({summary.matched:,} match logged predictions)",
         "served AUC so far": f"{metrics.auc:.4f} on {metrics.rows:,} labelled predictions" if metrics
@@ -326,18 +329,15 @@ def monitor_check(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One drift and performance check on the latest window of the inference log."""
-    from monitoring.monitor import MonitorError, check, retrain_for
+    from monitoring.monitor import check, retrain_for
     from pipelines.steps import tracking
 
     quiet_libraries()
     settings = settings_or_fail()
-    try:
-        with user_errors():
-            client = tracking.configure(settings)
-            result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown),
-                           retrain_for(settings) if retrain else None)
-    except MonitorError as error:
-        fail(str(error))
+    with user_errors():
+        client = tracking.configure(settings)
+        result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown),
+                       retrain_for(settings) if retrain else None)
     _print_check(result, as_json)
 
 
@@ -355,21 +355,18 @@ def monitor_run(
     """Check on a schedule; retrain (Prefect flow, then the gate) when the policy says so."""
     from prometheus_client import start_http_server
 
-    from monitoring.monitor import MonitorError, MonitorMetrics, run_forever
+    from monitoring.monitor import MonitorMetrics, run_forever
     from pipelines.steps import tracking
 
     quiet_libraries()
     settings = settings_or_fail()
-    try:
-        with user_errors():
-            client = tracking.configure(settings)
-            metrics = MonitorMetrics()
-            if metrics_port is not None:
-                start_http_server(metrics_port, addr="0.0.0.0")  # noqa: S104 - scraped from inside the cluster
-            run_forever(settings, client, _monitor_policy(window_rows, k, n, cooldown), interval, checks,
-                        lambda result: _print_check(result, False), metrics, webhook)
-    except MonitorError as error:
-        fail(str(error))
+    with user_errors():
+        client = tracking.configure(settings)
+        metrics = MonitorMetrics()
+        if metrics_port is not None:
+            start_http_server(metrics_port, addr="0.0.0.0")  # noqa: S104 - scraped from inside the cluster
+        run_forever(settings, client, _monitor_policy(window_rows, k, n, cooldown), interval, checks,
+                    lambda result: _print_check(result, False), metrics, webhook)
 
 
 @app.command("demo")
@@ -380,17 +377,14 @@ def demo_cmd(
     traffic: Annotated[int, typer.Option(min=200, help="requests per traffic window")] = 2_000,
 ) -> None:
     """The whole loop on this machine: train, serve, drift, retrain, and the new champion served."""
-    from monitoring.demo import DemoConfig, DemoError, run
+    from monitoring.demo import DemoConfig, run
 
     quiet_libraries()
     settings = settings_or_fail()
     t0 = time.perf_counter()
-    try:
-        with user_errors():
-            summary = run(settings, DemoConfig(rows=rows, customers=customers, merchants=merchants, traffic=traffic),
-                          _progress)
-    except DemoError as error:
-        fail(str(error))
+    with user_errors():
+        summary = run(settings, DemoConfig(rows=rows, customers=customers, merchants=merchants, traffic=traffic),
+                      _progress)
     out.print(table(f"the loop, closed in {time.perf_counter() - t0:.0f}s", summary))
     out.print("Look around: [bold]make ui[/] (MLflow: runs, versions, aliases, gate decisions), "
               "[bold]driftloop monitor check[/], [bold]driftloop serve[/] then "
@@ -406,25 +400,22 @@ def batch_score(
     """Score a file of transactions with the champion (features point-in-time, or online)."""
     from dataclasses import asdict
 
-    from serving.batch import BatchError, score_file
+    from serving.batch import score_file
 
     quiet_libraries()
     settings = settings_or_fail()
-    try:
-        with user_errors():
-            if engine is Engine.prefect:
-                from pipelines import training
+    if engine is Engine.kfp:
+        fail("batch scoring runs with --engine local or prefect")
+    with user_errors():
+        if engine is Engine.prefect:
+            from pipelines import training
 
-                os.environ.update(training.prefect_environment(settings))
-                from pipelines.prefect_flow import batch_scoring_flow
+            os.environ.update(training.prefect_environment(settings))
+            from pipelines.prefect_flow import batch_scoring_flow
 
-                summary = batch_scoring_flow(settings, str(input_path), str(output_path))
-            elif engine is Engine.local:
-                summary = asdict(score_file(settings, input_path, output_path))
-            else:
-                fail("batch scoring runs with --engine local or prefect")
-    except BatchError as error:
-        fail(str(error))
+            summary = batch_scoring_flow(settings, str(input_path), str(output_path))
+        else:
+            summary = asdict(score_file(settings, input_path, output_path))
     out.print(table(f"scored {summary['rows']:,} rows in {summary['seconds']:.1f}s", {
         "model": f"{settings.model_name} v{summary['model_version']}", "output": summary["output"],
         "features": "point-in-time (offline store)" if summary["point_in_time"] else "online store (now)"}))

@@ -130,7 +130,7 @@ def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:
         say("monitor", f"window 1: {quiet.verdict} (drift share {quiet.drift_share:.0%})")
 
         say("world", "the world shifts: bigger, more online, more distant payments, and fraud changes its habits")
-        _driftloop("data", "generate", *gen, "--drift", "shift", "--drift-days", "14")
+        _driftloop("data", "generate", *gen, "--drift", "shift", "--drift-days", "30")
         _driftloop("features", "materialize")
         shifted = send_traffic(url, cfg, 2, "shift", "shifted")
         say("traffic", f"{shifted['requests']:,} requests from the shifted world, {shifted['failures']} failed")
