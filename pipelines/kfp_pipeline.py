@@ -5,7 +5,7 @@ Each component runs in the project image (kfp is already installed there, so
 ``pipelines.training``. Components pass JSON strings (URIs, ids, small records), never objects.
 """
 
-
+# No ``from __future__ import annotations`` here: KFP reads the component functions' annotations as types.
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
