@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,18 +23,12 @@ from driftloop.settings import Settings
 from pipelines import training
 from pipelines.steps import features, ingest
 from pipelines.steps.train import TrainParams
-from tests.helpers import AS_OF, TINY
+from tests.helpers import AS_OF, TINY, free_port
 
 pytestmark = pytest.mark.integration
 
 MODEL = "driftloop-fraud"
 REQUEST = {"amount": 120.5, "channel": "online", "hour_of_day": 3, "distance_km": 12.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -1,7 +1,6 @@
 """``driftloop ui`` serves the MLflow UI on the local store, with the registered model and its aliases."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -10,15 +9,9 @@ import urllib.request
 import pytest
 
 from pipelines import training
-from tests.helpers import AS_OF
+from tests.helpers import AS_OF, free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> bytes:
