@@ -153,7 +153,8 @@ def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:
         server.wait(timeout=60)
         log.close()
     return {
-        "first champion": f"v{first['decision']['version']} (AUC {first['metrics']['auc']:.3f})",
+        "first training": f"v{first['decision']['version']} {first['decision']['alias']} "
+                          f"(holdout AUC {first['metrics']['auc']:.3f})",
         "window 1": f"{quiet.verdict}, drift share {quiet.drift_share:.0%}",
         "window 2": f"{drifted.verdict}, drift share {drifted.drift_share:.0%} "
                     f"({', '.join(drifted.drifted_columns)})",
