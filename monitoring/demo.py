@@ -126,7 +126,7 @@ def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:
         normal = send_traffic(url, cfg, 1, "none", "normal")
         say("traffic", f"{normal['requests']:,} normal requests by entity (sent at {normal['rps']}/s by this "
                        f"demo's client), {normal['failures']} failed")
-        quiet = check(settings, client, policy, retrain=retrain_locally(settings))
+        quiet = check(settings, client, policy, retrain=retrain_locally())
         say("monitor", f"window 1: {quiet.verdict} (drift share {quiet.drift_share:.0%})")
 
         say("world", "the world shifts: bigger, more online, more distant payments, and fraud changes its habits")
@@ -135,7 +135,7 @@ def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:
         shifted = send_traffic(url, cfg, 2, "shift", "shifted")
         say("traffic", f"{shifted['requests']:,} requests from the shifted world, {shifted['failures']} failed")
         say("monitor", "checking the window; drift triggers a retraining (Prefect flow, then the gate)")
-        drifted = check(settings, client, policy, retrain=retrain_locally(settings))
+        drifted = check(settings, client, policy, retrain=retrain_locally())
         say("monitor", f"window 2: {drifted.verdict} in {', '.join(drifted.drifted_columns) or 'no columns'}")
         retraining = drifted.retraining.reason if drifted.retraining else "not triggered"
         say("retrain", retraining)

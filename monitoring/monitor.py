@@ -144,7 +144,7 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
     return result
 
 
-def retrain_locally(settings: Settings) -> Callable[[], str]:
+def retrain_locally() -> Callable[[], str]:
     """Retraining as a user runs it: the Prefect flow, in its own process, through the promotion gate."""
 
     def run() -> str:
@@ -155,8 +155,7 @@ def retrain_locally(settings: Settings) -> Callable[[], str]:
         decision = json.loads(result.stdout.strip().splitlines()[-1])["decision"]
         return f"v{decision['version']} {decision['alias']}: {decision['reason']}"
 
-    del settings  # the child process builds the same settings from the same environment
-    return run
+    return run  # the child process builds the same settings from the same environment
 
 
 class MonitorMetrics:
@@ -217,7 +216,7 @@ def retrain_with_deployment(timeout_s: float = 3_600.0) -> Callable[[], str]:
 
 
 def retrain_for(settings: Settings) -> Callable[[], str]:
-    return retrain_with_deployment() if settings.retrain == "deployment" else retrain_locally(settings)
+    return retrain_with_deployment() if settings.retrain == "deployment" else retrain_locally()
 
 
 def run_forever(settings: Settings, client: MlflowClient, policy: MonitorPolicy, interval_s: float,

@@ -46,15 +46,10 @@ class OnlineFeatures:
         self._clock = clock
         self._cache: dict[str, OrderedDict] = {v.name: OrderedDict() for v in self._views}
         self._lock = threading.Lock()
-        self.reads = 0  # online-store reads, for metrics and tests
 
     @classmethod
     def for_service(cls, store: FeatureStore, service: FeatureService, max_staleness_s: float = 5.0) -> OnlineFeatures:
         return cls(store, views_of(store, service), max_staleness_s)
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return tuple(v.key for v in self._views)
 
     def lookup(self, entities: list[dict[str, int]]) -> tuple[dict[str, list], list[bool]]:
         """Features per row (None when unknown) and whether every view found the row's entity."""
@@ -86,7 +81,6 @@ class OnlineFeatures:
     def _read(self, view: View, ids: list[int]) -> dict[int, tuple | None]:
         refs = [f"{view.name}:{f}" for f in view.features]
         result = self._store.get_online_features(features=refs, entity_rows=[{view.key: i} for i in ids]).to_dict()
-        self.reads += 1
         out: dict[int, tuple | None] = {}
         for r, i in enumerate(ids):
             row = tuple(result[f][r] for f in view.features)
