@@ -11,6 +11,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 DRIFTLOOP := $(VENV)/bin/driftloop
 PYTEST_ARGS ?=
+include infra/versions.env  # pinned Kubernetes tool and add-on versions (HELM_VERSION, …)
 
 ##@ Start here
 .PHONY: help
@@ -23,7 +24,7 @@ demo: install ## The whole loop on this machine: train, serve, drift, retrain, n
 	$(DRIFTLOOP) demo
 
 .PHONY: test
-test: install lint ## Install everything pinned, lint, and run the whole test suite
+test: install lint chart-tools ## Install everything pinned, lint, and run the whole test suite
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 ##@ Development
@@ -38,6 +39,26 @@ install: $(UV) ## Create .venv from uv.lock (pinned, nothing resolved anew)
 .PHONY: lock
 lock: $(UV) ## Re-resolve uv.lock after editing pyproject.toml
 	$(UV) lock
+
+# The chart's checks run the real tools: helm built from its pinned source with the Go toolchain
+# (the official Go tarball puts it in /usr/local/go/bin), and checkov in a venv of its own (its pins
+# clash with the project's), resolved as PyPI stood on CHECKOV_INDEX_DATE so it installs the same.
+HELM := $(TOOLS)/bin/helm
+CHECKOV_VERSION := 3.3.30
+CHECKOV_INDEX_DATE := 2026-11-01
+CHECKOV := $(TOOLS)/checkov/bin/checkov
+
+$(HELM): | $(UV)
+	PATH="$$PATH:/usr/local/go/bin" GOBIN="$(abspath $(TOOLS)/bin)" GOFLAGS=-buildvcs=false \
+	  go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+$(CHECKOV): | $(UV)
+	$(UV) venv --quiet --python $(PYTHON) $(TOOLS)/checkov
+	$(UV) pip install --quiet --python $(TOOLS)/checkov/bin/python --exclude-newer $(CHECKOV_INDEX_DATE) \
+	  checkov==$(CHECKOV_VERSION)
+
+.PHONY: chart-tools
+chart-tools: $(HELM) $(CHECKOV) ## Build helm and install checkov (pinned), for the chart's tests
 
 .PHONY: lint
 lint: install ## Ruff over the code and tests
@@ -83,3 +104,44 @@ clean: ## Remove local state (data, stores, runs, models) and compiled pipelines
 .PHONY: distclean
 distclean: clean ## Also remove the virtual environment and tools
 	rm -rf $(VENV) $(TOOLS) .bench .pytest_cache .ruff_cache
+
+##@ Kubernetes (needs Docker, kind, kubectl and helm; `make preflight` checks)
+# Pinned versions live in infra/versions.env, which the scripts read. CLUSTER=current deploys into the
+# current kubectl context instead of a local kind cluster, and pushes the image to REGISTRY.
+CLUSTER ?= kind
+GPU ?= 0
+REGISTRY ?=
+NAMESPACE ?= kubeflow
+ENGINE ?= prefect
+ifeq ($(CLUSTER),current)
+VALUES ?= helm/values/cloud.yaml
+else ifeq ($(GPU),1)
+VALUES ?= helm/values/kind-gpu.yaml
+else
+VALUES ?= helm/values/kind.yaml
+endif
+INFRA_ENV = CLUSTER=$(CLUSTER) GPU=$(GPU) REGISTRY=$(REGISTRY) NAMESPACE=$(NAMESPACE) VALUES=$(VALUES)
+
+.PHONY: preflight
+preflight: ## Check tools, versions, Docker, memory, CPUs, inotify (GPU=1: GPU set-up; CLUSTER=current)
+	infra/preflight.sh --cluster $(CLUSTER) $(if $(filter 1,$(GPU)),--gpu)
+
+.PHONY: deploy
+deploy: install ## Image, kind cluster (or CLUSTER=current REGISTRY=host/org), add-ons, chart, smoke test (GPU=1)
+	$(INFRA_ENV) infra/deploy.sh
+
+.PHONY: submit-pipeline
+submit-pipeline: install ## Retrain on the cluster: ENGINE=prefect (default) or ENGINE=kfp
+	REGISTRY=$(REGISTRY) infra/submit-pipeline.sh $(ENGINE)
+
+.PHONY: predict
+predict: install ## One prediction through the cluster's InferenceService
+	NAMESPACE=$(NAMESPACE) infra/predict.sh
+
+.PHONY: dashboards
+dashboards: ## Port-forward the Evidently, MLflow, Prefect and KFP UIs and print their URLs (Ctrl-C stops)
+	NAMESPACE=$(NAMESPACE) infra/dashboards.sh
+
+.PHONY: undeploy
+undeploy: ## Remove the release; with CLUSTER=kind (default) delete the whole kind cluster
+	$(INFRA_ENV) infra/undeploy.sh

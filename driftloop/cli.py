@@ -274,8 +274,56 @@ def pipeline_compile(
     settings = settings_or_fail()
     with user_errors():
         path = compile_pipeline(settings, out_path)
-    out.print(table("compiled KFP v2 pipeline", {"file": path, "image": settings.image,
-                                                 "upload": "KFP UI > Pipelines > Upload, or `make submit-pipeline`"}))
+    out.print(table("compiled KFP v2 pipeline", {
+        "file": path, "image": settings.image,
+        "upload": "KFP UI > Pipelines > Upload, or `make submit-pipeline ENGINE=kfp`"}))
+
+
+@contextmanager
+def _reaching(url: str) -> Iterator[None]:
+    """A server that is not there, or refuses: one line that says where and what to check."""
+    try:
+        yield
+    except Exception as error:  # the clients raise their own many types; all end the same way here
+        fail(f"could not submit to {url} ({type(error).__name__}: {str(error)[:300]}): is the server up and "
+             "port-forwarded? `make submit-pipeline` does both")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    url: Annotated[str, typer.Option(help="prefect: the server's API (http://…:4200/api); kfp: the KFP endpoint")],
+    engine: Annotated[Engine, typer.Option(help="prefect: a run of the retraining deployment; kfp: a pipeline run")
+                      ] = Engine.prefect,
+    release: Annotated[str, typer.Option(help="kfp: the chart's release (its ConfigMap, Secret and volume)")
+                       ] = "driftloop",
+    secret: Annotated[str | None, typer.Option(help="kfp: the Secret, when the chart uses secrets.existingSecret")
+                      ] = None,
+) -> None:
+    """Start a training run on a cluster: Prefect's retraining deployment, or the KFP pipeline."""
+    quiet_libraries()
+    settings = settings_or_fail()
+    if engine is Engine.local:
+        fail("--engine takes prefect or kfp: `driftloop train` runs the local engine")
+    if engine is Engine.kfp:
+        from pipelines.kfp_pipeline import ClusterWiring, submit
+        from pipelines.training import TrainingConfig
+
+        with user_errors(), _reaching(url):
+            run_id = submit(settings, url, ClusterWiring(release=release, secret=secret), TrainingConfig())
+        out.print(table("submitted a KFP run", {"run id": run_id, "image": settings.image,
+                                                "follow it": f"{url}/#/runs/details/{run_id}"}))
+        return
+    os.environ["PREFECT_API_URL"] = url
+    from prefect.deployments import run_deployment
+
+    from pipelines.prefect_flow import RETRAINING_DEPLOYMENT
+
+    with user_errors(), _reaching(url):
+        flow_run = run_deployment(RETRAINING_DEPLOYMENT, timeout=0, as_subflow=False)
+    out.print(table("submitted a Prefect flow run", {"deployment": RETRAINING_DEPLOYMENT, "flow run": flow_run.name,
+                                                      "id": str(flow_run.id),
+                                                      "follow it": f"{url.removesuffix('/api')}/runs/flow-run/"
+                                                      f"{flow_run.id}"}))
 
 
 @labels_app.command("ingest")
@@ -443,6 +491,8 @@ def serve_cmd(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="larger bodies get 413")] = 1 << 20,
     max_instances: Annotated[int, typer.Option(min=1, help="rows per request")] = 1_000,
     feature_staleness: Annotated[float, typer.Option(min=0.0, help="seconds an online feature may be cached")] = 5.0,
+    wait_for_champion: Annotated[float, typer.Option(
+        min=0.0, help="seconds to wait for a first champion (a fresh cluster's bootstrap); 0: fail at once")] = 0.0,
 ) -> None:
     """Serve the champion (KServe v1 and v2) with Feast enrichment, inference log and hot reload."""
     from serving.server import ServeOptions, serve
@@ -450,7 +500,8 @@ def serve_cmd(
     quiet_libraries()
     settings = settings_or_fail()
     options = ServeOptions(port=port, max_body_bytes=max_body_bytes, max_instances=max_instances,
-                           reload_interval_s=reload_interval, feature_max_staleness_s=feature_staleness)
+                           reload_interval_s=reload_interval, feature_max_staleness_s=feature_staleness,
+                           wait_for_champion_s=wait_for_champion)
     with user_errors():
         serve(settings, options)
 
@@ -539,6 +590,11 @@ def ui_cmd(
     if only is not None and only not in uis:
         fail(f"--only takes one of {', '.join(uis)}, not {only!r}")
     chosen = {name: ui for name, ui in uis.items() if only in (None, name)}
+    if only is not None:  # one UI (a container's command): become it, so signals and logs go straight to it
+        command, port, env = chosen[only]
+        out.print(f"{only:<10} http://{host}:{port}")
+        sys.stdout.flush()
+        os.execve(command[0], command, {**os.environ, **env})  # noqa: S606 - a fixed argument list, no shell
     procs = []
     for name, (command, port, env) in chosen.items():
         procs.append(subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -417,10 +416,3 @@ def ui_command(settings: Settings, host: str = "127.0.0.1", port: int = 8000) ->
     """The command line that serves the Evidently UI on the workspace (``evidently ui``)."""
     return [sys.executable, "-m", "evidently.cli", "ui", "--workspace", str(workspace_path(settings)),
             "--host", host, "--port", str(port)]
-
-
-def serve_ui(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Replace this process with the Evidently UI on the workspace, telemetry off; never returns."""
-    command = ui_command(settings, host, port)
-    workspace_path(settings).mkdir(parents=True, exist_ok=True)  # else Evidently makes ./workspace
-    os.execve(command[0], command, {**os.environ, **UI_ENV})  # noqa: S606 - signals go straight to the server

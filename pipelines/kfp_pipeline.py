@@ -7,8 +7,8 @@ Each component runs in the project image (kfp is already installed there, so
 
 # No ``from __future__ import annotations`` here: KFP reads the component functions' annotations as types.
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, is_dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -94,8 +94,36 @@ def register_component(run_id: str, config_json: str) -> str:
     return run_step("register", run_id=run_id, config_json=config_json)
 
 
-def build_pipeline(image: str, env: Mapping[str, str] | None = None) -> Callable:
-    """The pipeline function, its components running ``image`` with ``env`` set in each container."""
+@dataclass(frozen=True)
+class ClusterWiring:
+    """Where a component on the cluster finds the chart's settings, secrets and state volume.
+
+    KFP runs pipeline pods in its own namespace, the one the chart is installed in (``make deploy``).
+    """
+
+    release: str = "driftloop"
+    secret: str | None = None  # default: the chart's generated Secret; set it to secrets.existingSecret
+    state_mount: str = "/var/lib/driftloop"
+
+    # The keys a step reads, from the chart's ConfigMap and Secret (helm/driftloop/templates/config.yaml).
+    CONFIG_KEYS = ("DRIFTLOOP_PROFILE", "DRIFTLOOP_STATE_DIR", "DRIFTLOOP_DATA_DIR", "DRIFTLOOP_MLFLOW_TRACKING_URI",
+                   "DRIFTLOOP_MODEL_NAME", "DRIFTLOOP_EXPERIMENT", "DRIFTLOOP_FEATURE_SERVICE",
+                   "DRIFTLOOP_FEAST_PROJECT", "DRIFTLOOP_DEVICE", "HOME")
+    SECRET_KEYS = ("DRIFTLOOP_POSTGRES_DSN", "DRIFTLOOP_REDIS_URL")
+
+    def apply(self, task: Any) -> None:
+        from kfp import kubernetes
+
+        kubernetes.use_config_map_as_env(task, f"{self.release}-config", {k: k for k in self.CONFIG_KEYS})
+        kubernetes.use_secret_as_env(task, self.secret or f"{self.release}-env", {k: k for k in self.SECRET_KEYS})
+        kubernetes.mount_pvc(task, f"{self.release}-state", self.state_mount)
+        # The chart's NetworkPolicies let pods of the loop reach PostgreSQL, Redis and MLflow.
+        kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "driftloop")
+        kubernetes.add_pod_label(task, "app.kubernetes.io/instance", self.release)
+
+
+def build_pipeline(image: str, wiring: ClusterWiring | None = None) -> Callable:
+    """The pipeline function, its components running ``image`` (wired to the chart's release if given)."""
     from kfp import dsl
 
     def component(fn: Callable) -> Callable:
@@ -114,32 +142,35 @@ def build_pipeline(image: str, env: Mapping[str, str] | None = None) -> Callable
         registered = register_op(run_id=trained.output, config_json=config_json).after(evaluated)
         for task in (features, validated, trained, evaluated, registered):
             task.set_caching_options(False)  # data steps must see today's data
-            for name, value in (env or {}).items():
-                task.set_env_variable(name, value)
+            if wiring is not None:
+                wiring.apply(task)
         return registered.output
 
     return pipeline
 
 
-def cluster_env(settings: Settings) -> dict[str, str]:
-    """Settings a cluster's component needs that hold no secret (those come from the pod's secrets)."""
-    return {
-        "DRIFTLOOP_PROFILE": settings.profile,
-        "DRIFTLOOP_MODEL_NAME": settings.model_name,
-        "DRIFTLOOP_FEATURE_SERVICE": settings.feature_service,
-        "DRIFTLOOP_EXPERIMENT": settings.experiment,
-        **({"DRIFTLOOP_MLFLOW_TRACKING_URI": settings.tracking_uri} if settings.profile == "cluster" else {}),
-        **({"DRIFTLOOP_DATA_DIR": settings.data_path} if settings.profile == "cluster" else {}),
-    }
-
-
-def compile_pipeline(settings: Settings, out: Path) -> Path:
-    """Write the KFP v2 pipeline spec (YAML) that a KFP 2.x server accepts."""
+def compile_pipeline(settings: Settings, out: Path, wiring: ClusterWiring | None = None) -> Path:
+    """Write the KFP v2 pipeline spec (YAML, with its Kubernetes platform spec) that a KFP 2.x server accepts."""
     from kfp import compiler
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(settings.image, cluster_env(settings)), str(out))
+    compiler.Compiler().compile(build_pipeline(settings.image, wiring or ClusterWiring()), str(out))
     return out
+
+
+def submit(settings: Settings, url: str, wiring: ClusterWiring, config: TrainingConfig) -> str:
+    """Start a run of the pipeline on the KFP server at ``url``; return the run's id."""
+    import tempfile
+
+    import kfp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = compile_pipeline(settings, Path(tmp) / "pipeline.yaml", wiring)
+        client = kfp.Client(host=url)
+        run = client.create_run_from_pipeline_package(
+            str(path), arguments={"config_json": config_to_json(config)}, experiment_name=settings.experiment,
+            enable_caching=False)
+    return run.run_id
 
 
 def run_kfp_local(settings: Settings, config: TrainingConfig) -> dict:

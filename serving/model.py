@@ -9,6 +9,7 @@ alias moves; a request keeps the version it started with.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from serving.features import OnlineFeatures
 from serving.inference_log import InferenceLog
 from serving.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 OUTPUT = "fraud_probability"
 
 
@@ -45,6 +48,25 @@ class Champion:
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         return self.booster.predict(xgb.DMatrix(x, feature_names=list(MODEL_FEATURES)), pred_contribs=True)
+
+
+def wait_for_champion(client: MlflowClient, model_name: str, timeout_s: float, poll_s: float = 5.0) -> None:
+    """Block until ``@champion`` exists (on a fresh cluster the first training may still run).
+
+    Raises what the registry raised once ``timeout_s`` has passed (0: look once).
+    """
+    from mlflow.exceptions import MlflowException
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.get_model_version_by_alias(model_name, CHAMPION)
+            return
+        except MlflowException as error:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("no %s@%s yet (%s): waiting", model_name, CHAMPION, error.error_code)
+            time.sleep(poll_s)
 
 
 def load_champion(client: MlflowClient, model_name: str, device: str = "cpu") -> Champion:

@@ -22,6 +22,7 @@ class ServeOptions:
     reload_interval_s: float = 10.0
     feature_max_staleness_s: float = 5.0
     log_queue: int = 100_000
+    wait_for_champion_s: float = 0.0
 
 
 class ClientErrorFilter(logging.Filter):
@@ -44,9 +45,12 @@ def build(settings: Settings, options: ServeOptions):
     from serving.fastpath import FrontDoor
     from serving.features import OnlineFeatures
     from serving.inference_log import InferenceLog, sink_for
-    from serving.model import FraudModel
+    from serving.model import FraudModel, wait_for_champion
 
     client = tracking.configure(settings)
+    # Before the feature store: the first champion comes after `features apply`, so once it exists the
+    # Feast registry does too.
+    wait_for_champion(client, settings.model_name, options.wait_for_champion_s)
     metrics = Metrics()
     inference_log = InferenceLog(sink_for(settings), max_queue=options.log_queue).start()
     metrics.watch_log(inference_log.depth, lambda: inference_log.dropped)

@@ -9,7 +9,7 @@ import pytest
 
 from driftloop.settings import Settings
 from pipelines.steps import features, ingest
-from tests.helpers import AS_OF, TINY, env_for, postgres_server
+from tests.helpers import AS_OF, TINY, create_database, env_for, mlflow_server, postgres_server, redis_server
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +46,25 @@ def postgres_dsn():
     """A real PostgreSQL for the cluster profile's code paths."""
     with postgres_server() as dsn:
         yield dsn
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis for the cluster profile's online store: ``127.0.0.1:PORT``."""
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the ``mlflow_url`` server keeps the artifacts that clients upload through it."""
+    return tmp_path_factory.mktemp("mlflow-server") / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(postgres_dsn, mlflow_artifacts_dir: Path):
+    """A real MLflow tracking server: runs and registry in the session PostgreSQL (a fresh database
+    ``mlflow``), artifacts proxied by the server to ``mlflow_artifacts_dir``."""
+    backend = create_database(postgres_dsn, "mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
+    with mlflow_server(backend, mlflow_artifacts_dir) as url:
+        yield url

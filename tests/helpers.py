@@ -1,9 +1,10 @@
-"""Helpers shared by the tests: tiny data's shape, and running the CLI as a user would."""
+"""Helpers shared by the tests: tiny data's shape, running the CLI as a user would, and throwaway servers."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
+
+import httpx
 
 from pipelines.steps import ingest
 
@@ -74,3 +77,100 @@ def postgres_server() -> Iterator[str]:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                        check=False, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway Redis (Debian's package) on a free loopback port, nothing persisted; yields the
+    Feast-style connection string ``127.0.0.1:PORT``."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("Redis is not installed: apt-get install redis-server")
+    folder = Path(tempfile.mkdtemp(prefix="driftloop-redis-"))
+    port = free_port()
+    with (folder / "log").open("w") as out:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(folder)], stdout=out, stderr=subprocess.STDOUT)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                pass
+            assert proc.poll() is None, f"redis-server exited: {(folder / 'log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "Redis did not start in 30 s"
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(dsn: str, name: str) -> str:
+    """A fresh, empty database ``name`` on the server of ``dsn`` (dropped first if there); returns its DSN."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as db:
+        db.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return f"{dsn.rsplit('/', 1)[0]}/{name}"
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts_dir: Path) -> Iterator[str]:
+    """A real MLflow tracking server (this venv's ``mlflow server``) on a free loopback port that proxies
+    artifacts to ``artifacts_dir``; yields its URL."""
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    log = artifacts_dir.parent / f"mlflow-server-{port}.log"  # a file, not a pipe nobody reads: it would fill
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(key, None)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts_dir), "--serve-artifacts"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=artifacts_dir.parent, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer in 90 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a child started in its own session, with everything it started (a server's workers)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()

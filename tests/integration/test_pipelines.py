@@ -74,8 +74,9 @@ def test_compiled_pipeline_is_a_valid_kfp_v2_spec(tmp_path, monkeypatch):
     monkeypatch.setenv("DRIFTLOOP_IMAGE", "registry.example/driftloop:1.2.3")
     result = run_cli("pipeline", "compile", "--out", str(tmp_path / "pipeline.yaml"))
     assert result.returncode == 0, result.stderr
-    spec_dict = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
+    spec_dict, platform = yaml.safe_load_all((tmp_path / "pipeline.yaml").read_text())
     spec = json_format.ParseDict(spec_dict, pipeline_spec_pb2.PipelineSpec())  # rejects unknown fields
+    json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
     assert spec.pipeline_info.name == "driftloop-training"
     assert spec.schema_version == "2.1.0"
     executors = spec_dict["deploymentSpec"]["executors"]
@@ -86,7 +87,13 @@ def test_compiled_pipeline_is_a_valid_kfp_v2_spec(tmp_path, monkeypatch):
         script = " ".join(container["command"] + container.get("args", []))
         assert "pip install" not in script  # kfp is in the image: no network at run time
         assert "run_step(" in script
-        assert {"name": "DRIFTLOOP_FEATURE_SERVICE", "value": "fraud_model_v1"} in container["env"]
+    # On the cluster each component reads the chart's ConfigMap and Secret and mounts its state volume.
+    for name, k8s in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        assert k8s["configMapAsEnv"][0]["configMapName"] == "driftloop-config", name
+        assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} == {"DRIFTLOOP_POSTGRES_DSN",
+                                                                              "DRIFTLOOP_REDIS_URL"}
+        assert k8s["pvcMount"][0]["mountPath"] == "/var/lib/driftloop"
+        assert k8s["podMetadata"]["labels"]["app.kubernetes.io/part-of"] == "driftloop"
     tasks = spec_dict["root"]["dag"]["tasks"]
     assert set(tasks) == {f"{s}-component" for s in training.STEPS}
     assert all(not t.get("cachingOptions", {}).get("enableCache", False) for t in tasks.values())

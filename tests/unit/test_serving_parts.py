@@ -140,3 +140,37 @@ def test_online_features_cache_for_the_staleness_bound_and_batch_misses():
     now[0] = 6.0
     online.lookup([{"customer_id": 1, "merchant_id": 2}])
     assert store.calls == 4  # older than the bound: read again
+
+
+class RegistryWithoutChampionYet:
+    """A registry whose ``@champion`` appears after ``missing`` lookups (a fresh cluster's bootstrap)."""
+
+    def __init__(self, missing: int) -> None:
+        self.missing, self.calls = missing, 0
+
+    def get_model_version_by_alias(self, name: str, alias: str):
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls <= self.missing:
+            raise MlflowException(f"alias {alias} not found", error_code="RESOURCE_DOES_NOT_EXIST")
+        return object()
+
+
+def test_the_server_waits_for_a_first_champion_then_goes_on():
+    from serving.model import wait_for_champion
+
+    registry = RegistryWithoutChampionYet(missing=3)
+    wait_for_champion(registry, "m", timeout_s=10, poll_s=0.01)
+    assert registry.calls == 4
+
+
+def test_without_a_wait_a_missing_champion_fails_at_once():
+    from mlflow.exceptions import MlflowException
+
+    from serving.model import wait_for_champion
+
+    registry = RegistryWithoutChampionYet(missing=100)
+    with pytest.raises(MlflowException, match="not found"):
+        wait_for_champion(registry, "m", timeout_s=0)
+    assert registry.calls == 1

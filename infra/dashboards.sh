@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Port-forwards the four UIs to fixed local ports and prints their URLs; runs until Ctrl-C.
+#   Evidently  svc/driftloop-evidently  (NAMESPACE)  http://127.0.0.1:8000
+#   MLflow     svc/driftloop-mlflow     (NAMESPACE)  http://127.0.0.1:5000
+#   Prefect    svc/prefect-server       (prefect)    http://127.0.0.1:4200
+#   KFP        svc/ml-pipeline-ui       (kubeflow)   http://127.0.0.1:8080
+#
+# Usage: infra/dashboards.sh   (NAMESPACE, default kubeflow)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+NAMESPACE=${NAMESPACE:-kubeflow}
+trap stop_port_forwards EXIT
+trap 'exit 0' INT TERM
+
+step "port-forwarding the dashboards"
+port_forward "$NAMESPACE" svc/driftloop-evidently 8000 8000
+port_forward "$NAMESPACE" svc/driftloop-mlflow 5000 5000
+# 4200 on purpose: the Prefect UI in the browser calls its API at http://localhost:4200/api, the
+# prefect-server chart's default.
+port_forward prefect svc/prefect-server 4200 4200
+port_forward kubeflow svc/ml-pipeline-ui 80 8080
+
+cat <<URLS
+
+  Evidently  http://127.0.0.1:8000   drift dashboards, one snapshot per check
+  MLflow     http://127.0.0.1:5000   runs, model versions, champion and challenger aliases
+  Prefect    http://127.0.0.1:4200   flow runs of the retraining deployment
+  KFP        http://127.0.0.1:8080   Kubeflow pipeline runs
+
+Ctrl-C stops the port-forwards.
+URLS
+wait
