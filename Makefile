@@ -49,6 +49,8 @@ CHECKOV_INDEX_DATE := 2026-11-01
 CHECKOV := $(TOOLS)/checkov/bin/checkov
 
 $(HELM): | $(UV)
+	@PATH="$$PATH:/usr/local/go/bin" command -v go >/dev/null || \
+	  { echo "building helm $(HELM_VERSION) needs the Go toolchain: https://go.dev/dl"; exit 1; }
 	PATH="$$PATH:/usr/local/go/bin" GOBIN="$(abspath $(TOOLS)/bin)" GOFLAGS=-buildvcs=false \
 	  go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
@@ -113,6 +115,7 @@ GPU ?= 0
 REGISTRY ?=
 NAMESPACE ?= kubeflow
 ENGINE ?= prefect
+SECRET ?=
 ifeq ($(CLUSTER),current)
 VALUES ?= helm/values/cloud.yaml
 else ifeq ($(GPU),1)
@@ -131,8 +134,8 @@ deploy: install ## Image, kind cluster (or CLUSTER=current REGISTRY=host/org), a
 	$(INFRA_ENV) infra/deploy.sh
 
 .PHONY: submit-pipeline
-submit-pipeline: install ## Retrain on the cluster: ENGINE=prefect (default) or ENGINE=kfp
-	REGISTRY=$(REGISTRY) infra/submit-pipeline.sh $(ENGINE)
+submit-pipeline: install ## Retrain on the cluster: ENGINE=prefect (default) or ENGINE=kfp [SECRET=…]
+	REGISTRY=$(REGISTRY) SECRET=$(SECRET) infra/submit-pipeline.sh $(ENGINE)
 
 .PHONY: predict
 predict: install ## One prediction through the cluster's InferenceService

@@ -6,7 +6,9 @@
 # A KFP run's steps use the image named by DRIFTLOOP_IMAGE; unless set, it is the one infra/deploy.sh
 # built: [REGISTRY/]driftloop:<version>.
 #
-# Usage: infra/submit-pipeline.sh prefect|kfp   (REGISTRY as for infra/deploy.sh)
+# With the chart's secrets.existingSecret (cloud.yaml), SECRET names it: KFP steps read it as env.
+#
+# Usage: infra/submit-pipeline.sh prefect|kfp   (REGISTRY as for infra/deploy.sh; SECRET for kfp)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -32,4 +34,4 @@ esac
 
 export DRIFTLOOP_IMAGE=${DRIFTLOOP_IMAGE:-$IMAGE_REPOSITORY:$IMAGE_TAG}
 step "driftloop pipeline submit --engine $engine --url $url"
-"$DRIFTLOOP" pipeline submit --engine "$engine" --url "$url"
+"$DRIFTLOOP" pipeline submit --engine "$engine" --url "$url" ${SECRET:+--secret "$SECRET"}

@@ -225,8 +225,8 @@ def test_make_deploy_calls_the_script_with_its_settings(args, expected):
     (("undeploy",), "CLUSTER=kind GPU=0 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind.yaml infra/undeploy.sh"),
     (("predict", "NAMESPACE=ml"), "NAMESPACE=ml infra/predict.sh"),
     (("dashboards",), "NAMESPACE=kubeflow infra/dashboards.sh"),
-    (("submit-pipeline",), "REGISTRY= infra/submit-pipeline.sh prefect"),
-    (("submit-pipeline", "ENGINE=kfp"), "REGISTRY= infra/submit-pipeline.sh kfp"),
+    (("submit-pipeline",), "REGISTRY= SECRET= infra/submit-pipeline.sh prefect"),
+    (("submit-pipeline", "ENGINE=kfp"), "REGISTRY= SECRET= infra/submit-pipeline.sh kfp"),
 ])
 def test_make_targets_call_their_scripts(args, expected):
     result = make("-n", *args)
