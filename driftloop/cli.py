@@ -308,7 +308,7 @@ def pipeline_submit(
         from pipelines.kfp_pipeline import ClusterWiring, submit
         from pipelines.training import TrainingConfig
 
-        with user_errors(), _reaching(url):
+        with _reaching(url):
             run_id = submit(settings, url, ClusterWiring(release=release, secret=secret), TrainingConfig())
         out.print(table("submitted a KFP run", {"run id": run_id, "image": settings.image,
                                                 "follow it": f"{url}/#/runs/details/{run_id}"}))
@@ -318,7 +318,7 @@ def pipeline_submit(
 
     from pipelines.prefect_flow import RETRAINING_DEPLOYMENT
 
-    with user_errors(), _reaching(url):
+    with _reaching(url):
         flow_run = run_deployment(RETRAINING_DEPLOYMENT, timeout=0, as_subflow=False)
     out.print(table("submitted a Prefect flow run", {"deployment": RETRAINING_DEPLOYMENT, "flow run": flow_run.name,
                                                       "id": str(flow_run.id),

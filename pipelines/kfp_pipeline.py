@@ -149,12 +149,12 @@ def build_pipeline(image: str, wiring: ClusterWiring | None = None) -> Callable:
     return pipeline
 
 
-def compile_pipeline(settings: Settings, out: Path, wiring: ClusterWiring | None = None) -> Path:
+def compile_pipeline(settings: Settings, out: Path, wiring: ClusterWiring = ClusterWiring()) -> Path:
     """Write the KFP v2 pipeline spec (YAML, with its Kubernetes platform spec) that a KFP 2.x server accepts."""
     from kfp import compiler
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(settings.image, wiring or ClusterWiring()), str(out))
+    compiler.Compiler().compile(build_pipeline(settings.image, wiring), str(out))
     return out
 
 

@@ -146,22 +146,28 @@ def mlflow_server(backend_uri: str, artifacts_dir: Path) -> Iterator[str]:
              "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts_dir), "--serve-artifacts"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=artifacts_dir.parent, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"mlflow server did not answer in 90 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.3)
+        wait_for_http(f"{url}/health", proc, log, timeout=90)
         yield url
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> httpx.Response:
+    """Poll GET ``url`` until it answers 200; fail with the log's tail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.get(url, timeout=5)
+            if response.status_code == 200:
+                return response
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{url} did not answer 200 in {timeout:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
     """SIGTERM a child started in its own session, with everything it started (a server's workers)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import psycopg
 import pytest
 
 from tests.chart.chart import NAMESPACE, find, pod_specs, render, secret_data
-from tests.helpers import free_port, postgres_server
+from tests.helpers import free_port, postgres_server, stop_group, wait_for_http
 
 pytestmark = pytest.mark.chart
 
@@ -143,20 +142,8 @@ class LocalCluster:
     def tail(self, name: str) -> str:
         return (self.root / "logs" / f"{name}.log").read_text()[-3000:]
 
-    def wait_http(self, name: str, port: int, path: str, timeout: float = 120, proc=None) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc is not None and proc.poll() is not None:
-                pytest.fail(f"{name} exited {proc.returncode}:\n{self.tail(name)}")
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
-                if response.status_code == 200:
-                    return response
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{name}: {path} did not answer 200 in {timeout:.0f} s:\n{self.tail(name)}")
-            time.sleep(0.5)
+    def wait_http(self, name: str, port: int, path: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+        wait_for_http(f"http://127.0.0.1:{port}{path}", proc, self.root / "logs" / f"{name}.log", timeout)
 
     @property
     def workdir(self) -> Path:
@@ -167,14 +154,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
+            stop_group(proc)
 
 def container_of(docs: list[dict], kind: str, name: str, container: str | None = None) -> tuple[dict, dict]:
     spec = next(s for _, s in pod_specs([find(docs, kind, name)]))
@@ -240,7 +220,7 @@ def _stores_up(cluster: LocalCluster, admin_dsn: str) -> Iterator[LocalCluster]:
                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     proc = cluster.start("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                             "--port", str(prefect_port)], prefect_env)
-    cluster.wait_http("prefect-server", prefect_port, "/api/health", timeout=120, proc=proc)
+    cluster.wait_http("prefect-server", prefect_port, "/api/health", proc)
     yield cluster
 
 
@@ -255,7 +235,7 @@ def start_server(cluster: LocalCluster, kind: str, name: str, service: str) -> t
 def probe_paths(cluster: LocalCluster, name: str, container: dict, port: int, proc, timeout: float) -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in container:
-            cluster.wait_http(name, port, container[probe]["httpGet"]["path"], timeout=timeout, proc=proc)
+            cluster.wait_http(name, port, container[probe]["httpGet"]["path"], proc, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +297,7 @@ def test_retrainer_registers_the_deployment_and_runs_a_submitted_flow_run(bootst
     argv, env = bootstrapped.prepare("retrainer", spec, container, listen={8080: port})
     proc = bootstrapped.start("retrainer", argv, env)
     for probe in ("readinessProbe", "livenessProbe"):
-        bootstrapped.wait_http("retrainer", port, container[probe]["httpGet"]["path"], timeout=120, proc=proc)
+        bootstrapped.wait_http("retrainer", port, container[probe]["httpGet"]["path"], proc)
 
     # `make submit-pipeline ENGINE=prefect` does this through a port-forward.
     api = f"http://{bootstrapped.local(PREFECT_SERVICE)}/api"

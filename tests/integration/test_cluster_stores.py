@@ -5,7 +5,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from driftloop.settings import Settings
 from pipelines.steps import features, ingest
 from serving.features import OnlineFeatures
 from serving.inference_log import COLUMNS, InferenceLog, PostgresSink, SqliteSink, sink_for
-from tests.helpers import AS_OF, TINY, create_database, free_port, run_cli
+from tests.helpers import AS_OF, TINY, create_database, free_port, run_cli, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -141,16 +140,7 @@ class ClusterServer:
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
 
     def wait_ready(self, model: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.client.get(f"/v2/models/{model}/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"the server was not ready in {timeout:.0f} s"
-            time.sleep(0.3)
+        wait_for_http(f"http://127.0.0.1:{self.port}/v2/models/{model}/ready", self.proc, self.log, timeout)
 
     def stop(self) -> str:
         """SIGTERM: the server answers what is in flight and flushes the inference log, then exits."""

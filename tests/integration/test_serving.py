@@ -23,7 +23,7 @@ from driftloop.settings import Settings
 from pipelines import training
 from pipelines.steps import features, ingest
 from pipelines.steps.train import TrainParams
-from tests.helpers import AS_OF, TINY, free_port
+from tests.helpers import AS_OF, TINY, free_port, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +45,7 @@ class Server:
                 [sys.executable, "-m", "serving", "--port", str(self.port), "--reload-interval", "0.5", *args],
                 env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         self.client = httpx.Client(base_url=self.url, timeout=10)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if self.client.get(f"/v2/models/{MODEL}/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, self.output.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not start in 120 s"
-            time.sleep(0.3)
+        wait_for_http(f"{self.url}/v2/models/{MODEL}/ready", self.proc, self.output)
 
     def predict(self, *instances: dict, verb: str = "predict") -> httpx.Response:
         return self.client.post(f"/v1/models/{MODEL}:{verb}", json={"instances": list(instances)})
