@@ -24,8 +24,12 @@ demo: install ## The whole loop on this machine: train, serve, drift, retrain, n
 	$(DRIFTLOOP) demo
 
 .PHONY: test
-test: install lint chart-tools ## Install everything pinned, lint, and run the whole test suite
+test: install lint chart-tools system-deps ## Install everything pinned, lint, and run the whole test suite
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: system-deps
+system-deps: ## Chromium, redis-server and PostgreSQL for the tests (installed with apt as root, else named)
+	tests/system-deps.sh
 
 ##@ Development
 $(UV):
@@ -64,7 +68,7 @@ chart-tools: $(HELM) $(CHECKOV) ## Build helm and install checkov (pinned), for 
 
 .PHONY: lint
 lint: install ## Ruff over the code and tests
-	$(VENV)/bin/ruff check driftloop pipelines serving monitoring feature_repo tests
+	$(VENV)/bin/ruff check driftloop pipelines serving monitoring feature_repo tests infra
 
 .PHONY: ui
 ui: install ## MLflow UI on the local store (runs, registered model, aliases)
@@ -112,10 +116,12 @@ distclean: clean ## Also remove the virtual environment and tools
 # current kubectl context instead of a local kind cluster, and pushes the image to REGISTRY.
 CLUSTER ?= kind
 GPU ?= 0
+AIRGAP ?= 0
 REGISTRY ?=
 NAMESPACE ?= kubeflow
 ENGINE ?= prefect
 SECRET ?=
+E2E_AIRGAP ?= 1
 ifeq ($(CLUSTER),current)
 VALUES ?= helm/values/cloud.yaml
 else ifeq ($(GPU),1)
@@ -123,27 +129,31 @@ VALUES ?= helm/values/kind-gpu.yaml
 else
 VALUES ?= helm/values/kind.yaml
 endif
-INFRA_ENV = CLUSTER=$(CLUSTER) GPU=$(GPU) REGISTRY=$(REGISTRY) NAMESPACE=$(NAMESPACE) VALUES=$(VALUES)
+INFRA_ENV = CLUSTER=$(CLUSTER) GPU=$(GPU) AIRGAP=$(AIRGAP) REGISTRY=$(REGISTRY) NAMESPACE=$(NAMESPACE) VALUES=$(VALUES)
 
 .PHONY: preflight
 preflight: ## Check tools, versions, Docker, memory, CPUs, inotify (GPU=1: GPU set-up; CLUSTER=current)
-	infra/preflight.sh --cluster $(CLUSTER) $(if $(filter 1,$(GPU)),--gpu)
+	AIRGAP=$(AIRGAP) infra/preflight.sh --cluster $(CLUSTER)$(if $(filter 1,$(GPU)), --gpu)$(if $(filter 1,$(AIRGAP)), --airgap)$(if $(findstring kind-small,$(VALUES)), --small)
 
 .PHONY: deploy
-deploy: install ## Image, kind cluster (or CLUSTER=current REGISTRY=host/org), add-ons, chart, smoke test (GPU=1)
+deploy: install ## Image, kind cluster (or CLUSTER=current REGISTRY=host/org), add-ons, chart, smoke test (GPU=1; AIRGAP=1 builds every image here)
 	$(INFRA_ENV) infra/deploy.sh
 
 .PHONY: submit-pipeline
 submit-pipeline: install ## Retrain on the cluster: ENGINE=prefect (default) or ENGINE=kfp [SECRET=…]
-	REGISTRY=$(REGISTRY) SECRET=$(SECRET) infra/submit-pipeline.sh $(ENGINE)
+	AIRGAP=$(AIRGAP) NAMESPACE=$(NAMESPACE) SECRET=$(SECRET) infra/submit-pipeline.sh $(ENGINE)
 
 .PHONY: predict
 predict: install ## One prediction through the cluster's InferenceService
-	NAMESPACE=$(NAMESPACE) infra/predict.sh
+	AIRGAP=$(AIRGAP) NAMESPACE=$(NAMESPACE) infra/predict.sh
 
 .PHONY: dashboards
 dashboards: ## Port-forward the Evidently, MLflow, Prefect and KFP UIs and print their URLs (Ctrl-C stops)
-	NAMESPACE=$(NAMESPACE) infra/dashboards.sh
+	AIRGAP=$(AIRGAP) NAMESPACE=$(NAMESPACE) infra/dashboards.sh
+
+.PHONY: e2e
+e2e: install ## The cluster end to end on this machine (AIRGAP=1, 2-CPU values): deploy, loop, faults, undeploy
+	AIRGAP=$(E2E_AIRGAP) $(VENV)/bin/python tests/e2e/cluster.py
 
 .PHONY: undeploy
 undeploy: ## Remove the release; with CLUSTER=kind (default) delete the whole kind cluster

@@ -616,6 +616,73 @@ def ui_cmd(
             proc.wait()
 
 
+# wait-for -------------------------------------------------------------------------------------------
+class Store(StrEnum):
+    postgres = "postgres"
+    redis = "redis"
+    mlflow = "mlflow"
+    prefect = "prefect"
+
+
+def _store_address(settings: Settings, store: Store) -> tuple[str, int, str]:
+    """(host, port, the variable that says where) of a store, from the settings' connection strings."""
+    from urllib.parse import urlsplit
+
+    variable, value = {
+        Store.postgres: ("DRIFTLOOP_POSTGRES_DSN", settings.postgres_dsn),
+        Store.redis: ("DRIFTLOOP_REDIS_URL", settings.redis_url),
+        Store.mlflow: ("DRIFTLOOP_MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
+        Store.prefect: ("PREFECT_API_URL", os.environ.get("PREFECT_API_URL")),
+    }[store]
+    if not value:
+        fail(f"{store.value}: {variable} is not set, so there is no server to wait for")
+    if store is Store.redis and "://" not in value:  # Feast's form: host:port[,password=…,ssl=true]
+        value = "redis://" + value.split(",", 1)[0]
+    default_port = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "rediss": 6379, "http": 80, "https": 443}
+    try:
+        url = urlsplit(value)
+        host, port = url.hostname, url.port or default_port.get(url.scheme)
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        fail(f"{store.value}: cannot read a host and port from {variable} (scheme://host:port/… expected)")
+    return host, port, variable
+
+
+@app.command("wait-for")
+def wait_for_cmd(
+    stores: Annotated[list[Store], typer.Argument(help="the servers to wait for, in order")],
+    timeout: Annotated[float, typer.Option(min=0.0, help="seconds for all of them together")] = 600.0,
+    every: Annotated[float, typer.Option(min=0.1, help="seconds between progress lines")] = 10.0,
+) -> None:
+    """Wait until the configured stores accept TCP connections (a pod's first init container)."""
+    import socket
+
+    settings = settings_or_fail()
+    started = time.monotonic()
+    deadline = started + timeout
+    for store in stores:
+        host, port, variable = _store_address(settings, store)
+        next_line = time.monotonic() + every
+        while True:
+            try:
+                with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                    break
+            except OSError as error:  # refused, unreachable, or a name that does not resolve yet
+                reason = error.strerror or type(error).__name__
+            now = time.monotonic()
+            if now >= deadline:
+                fail(f"{store.value} at {host}:{port} accepted no connection in {timeout:.0f} s (last: {reason}): "
+                     f"is its server running and ready, and does {variable} name it?")
+            if now >= next_line:
+                out.print(f"waiting for {store.value} at {host}:{port} ({reason}), {now - started:.0f} s",
+                          highlight=False)
+                next_line = now + every
+            time.sleep(min(0.5, max(0.0, deadline - now)))
+        out.print(f"{store.value} at {host}:{port} accepts connections ({time.monotonic() - started:.1f} s)",
+                  highlight=False)
+
+
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
     return app(args=argv)
 

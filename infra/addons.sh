@@ -4,12 +4,14 @@
 #   cert-manager         certificates for KServe's webhooks
 #   KServe               InferenceService in Standard (raw Deployment) mode: no Knative, no Istio
 #   Kubeflow Pipelines   standalone, single-user, in namespace kubeflow
-#   Prefect server       namespace prefect, Service prefect-server:4200
 #   NVIDIA device plugin with --gpu: advertises nvidia.com/gpu on nodes labelled nvidia.com/gpu.present
+# The Prefect server is part of the chart (helm/driftloop, from the project image).
 #
-# No Prefect worker and no Kubernetes work pool: the chart runs `driftloop pipeline serve`, a Deployment
-# that registers the retraining deployment on this server and executes its flow runs in-process
-# (scale it with replicas). Nothing has to create pods, so it needs no RBAC beyond its own.
+# AIRGAP=1 (nothing can be pulled; infra/airgap/ built the images): KServe's charts come with its Go
+# module's source and its controller image was built here; cert-manager is replaced by a webhook
+# certificate made with openssl (infra/airgap/kserve-post-render.py); kube-router's firewall enforces
+# NetworkPolicies (infra/airgap/kube-router/); Kubeflow Pipelines is left out
+# (its manifests and images cannot be built from package registries: the KFP path is proven offline).
 #
 # Usage: infra/addons.sh [--gpu]
 set -euo pipefail
@@ -21,6 +23,37 @@ case ${1:-} in
   "") ;;
   *) die "usage: infra/addons.sh [--gpu]" ;;
 esac
+
+if [[ $AIRGAP == 1 ]]; then
+  ((gpu == 0)) || die "AIRGAP=1 builds a CPU cluster only (the NVIDIA device plugin's image cannot be built here)"
+  charts=$AIRGAP_CACHE/bin/kserve-$KSERVE_VERSION/charts
+  [[ -d $charts ]] || die "no KServe charts in $charts: run infra/airgap/binaries.sh kserve"
+  step "KServe $KSERVE_VERSION (Standard mode; charts from its module, controller built here)"
+  kind load docker-image "driftloop-airgap/kserve-controller:$KSERVE_VERSION" --name "$CLUSTER_NAME" >/dev/null
+  helm upgrade --install kserve-crd "$charts/kserve-crd" -n kserve --create-namespace --wait --timeout 10m
+  certs=$(mktemp -d)
+  trap 'rm -rf "$certs"' EXIT
+  service=kserve-webhook-server-service.kserve.svc
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kserve-webhook-ca" \
+    -keyout "$certs/ca.key" -out "$certs/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$service" -keyout "$certs/tls.key" -out "$certs/tls.csr" 2>/dev/null
+  openssl x509 -req -in "$certs/tls.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial -days 3650 \
+    -extfile <(printf 'subjectAltName=DNS:%s,DNS:%s.cluster.local' "$service" "$service") -out "$certs/tls.crt" 2>/dev/null
+  KSERVE_CERT_DIR=$certs KSERVE_IMAGE=driftloop-airgap/kserve-controller:$KSERVE_VERSION \
+    helm upgrade --install kserve "$charts/kserve-resources" -n kserve \
+    --post-renderer "$INFRA_DIR/airgap/kserve-post-render" \
+    --set kserve.controller.deploymentMode=Standard \
+    --set kserve.controller.gateway.disableIngressCreation=true \
+    --set kserve.controller.gateway.disableIstioVirtualHost=true \
+    --wait --timeout 10m
+  step "kube-router $KUBE_ROUTER_VERSION: NetworkPolicy enforcement"
+  image=driftloop-airgap/kube-router:$KUBE_ROUTER_VERSION
+  kind load docker-image "$image" --name "$CLUSTER_NAME" >/dev/null
+  sed "s|image: IMAGE|image: $image|" "$INFRA_DIR/airgap/kube-router/kube-router.yaml" | kubectl apply -f -
+  kubectl rollout status daemonset/kube-router -n kube-system --timeout=5m
+  step "add-ons ready (Kubeflow Pipelines left out: it cannot be built without a registry)"
+  exit 0
+fi
 
 step "cert-manager $CERT_MANAGER_VERSION"
 helm upgrade --install cert-manager cert-manager --repo https://charts.jetstack.io \
@@ -50,15 +83,6 @@ kubectl apply -k "$kfp/env/platform-agnostic?ref=$KFP_VERSION"
 for deployment in ml-pipeline ml-pipeline-ui workflow-controller; do
   kubectl rollout status "deployment/$deployment" -n kubeflow --timeout=15m
 done
-
-step "Prefect server (chart $PREFECT_CHART_VERSION, Prefect $PREFECT_IMAGE_TAG)"
-# SQLite on a volume: one server replica is all a demo needs, and there is no PostgreSQL to run.
-helm upgrade --install prefect-server prefect-server --repo https://prefecthq.github.io/prefect-helm \
-  --version "$PREFECT_CHART_VERSION" -n prefect --create-namespace \
-  --set global.prefect.image.prefectTag="$PREFECT_IMAGE_TAG" \
-  --set postgresql.enabled=false --set sqlite.enabled=true \
-  --set-json 'server.env=[{"name":"PREFECT_SERVER_ANALYTICS_ENABLED","value":"false"}]' \
-  --wait --timeout 10m
 
 if ((gpu)); then
   step "NVIDIA device plugin $NVIDIA_DEVICE_PLUGIN_VERSION"

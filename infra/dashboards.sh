@@ -18,15 +18,19 @@ port_forward "$NAMESPACE" svc/driftloop-evidently 8000 8000
 port_forward "$NAMESPACE" svc/driftloop-mlflow 5000 5000
 # 4200 on purpose: the Prefect UI in the browser calls its API at http://localhost:4200/api, the
 # prefect-server chart's default.
-port_forward prefect svc/prefect-server 4200 4200
-port_forward kubeflow svc/ml-pipeline-ui 80 8080
+port_forward "$NAMESPACE" svc/driftloop-prefect 4200 4200
+kfp=0
+if kubectl get svc/ml-pipeline-ui -n kubeflow >/dev/null 2>&1; then
+  port_forward kubeflow svc/ml-pipeline-ui 80 8080
+  kfp=1
+fi
 
 cat <<URLS
 
   Evidently  http://127.0.0.1:8000   drift dashboards, one snapshot per check
   MLflow     http://127.0.0.1:5000   runs, model versions, champion and challenger aliases
   Prefect    http://127.0.0.1:4200   flow runs of the retraining deployment
-  KFP        http://127.0.0.1:8080   Kubeflow pipeline runs
+$( ((kfp)) && echo "  KFP        http://127.0.0.1:8080   Kubeflow pipeline runs" || echo "  (no Kubeflow Pipelines in this cluster)")
 
 Ctrl-C stops the port-forwards.
 URLS

@@ -10,7 +10,12 @@
 #   NAMESPACE  default kubeflow: Kubeflow Pipelines standalone (single-user) runs pipeline pods in its
 #              own namespace, and those pods mount the driftloop data volume and read its Secret and
 #              ConfigMap, which Kubernetes only allows within one namespace.
-#   VALUES     the chart's values file: helm/values/kind.yaml, kind-gpu.yaml or cloud.yaml
+#   VALUES     the chart's values file: helm/values/kind.yaml, kind-small.yaml (a 2-CPU node),
+#              kind-gpu.yaml or cloud.yaml
+#   AIRGAP     1: pull nothing. Every image is built on this machine first (infra/airgap/: the kind
+#              node, Python, PostgreSQL, Redis, the KServe controller, the project image) from Debian's
+#              packages and the Go module proxy, with kind, kubectl and helm built the same way. Cached:
+#              a second deploy rebuilds only what changed (after a code change, the project image).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
@@ -34,18 +39,42 @@ VALUES=${VALUES:-$default_values}
   die "CLUSTER=current needs REGISTRY (the image is pushed there and the cluster pulls it), e.g. REGISTRY=ghcr.io/acme"
 [[ -f $VALUES ]] || die "no values file $VALUES"
 [[ -x $DRIFTLOOP ]] || die "no $DRIFTLOOP: run \`make install\` first (the smoke test uses the host's CLI)"
+[[ $AIRGAP == 0 || $CLUSTER == kind ]] || die "AIRGAP=1 makes a local kind cluster; with CLUSTER=current push images to your registry"
 
+# A tag per content: a code change gets a new tag, so the pods roll to it (IfNotPresent never re-pulls)
+IMAGE_TAG=$IMAGE_VERSION-$(cd "$REPO_ROOT" && find pyproject.toml uv.lock README.md driftloop pipelines serving \
+  monitoring feature_repo infra/Dockerfile infra/Dockerfile.dockerignore -type f ! -name '*.pyc' -print0 |
+  LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+variant=cpu
+[[ $GPU == 0 ]] || { variant=gpu; IMAGE_TAG=$IMAGE_TAG-gpu; }
 image=$IMAGE_REPOSITORY:$IMAGE_TAG
 gpu_flag=()
-addons="cert-manager, KServe, Kubeflow Pipelines, Prefect"
+build_args=(--build-arg "VARIANT=$variant")
+chart_args=()
+kind_config=$INFRA_DIR/kind/cluster.yaml
+addons="cert-manager, KServe, Kubeflow Pipelines"
+if [[ $AIRGAP == 1 ]]; then
+  addons="KServe (built here)"
+  build_args+=(--network host --build-arg "PYTHON_IMAGE=driftloop-airgap/python:3.11-$DEBIAN_SUITE")
+  chart_args=(--set "postgres.image=driftloop-airgap/postgres:15-$DEBIAN_SUITE"
+    --set "redis.image=driftloop-airgap/redis:7-$DEBIAN_SUITE")
+  kind_config=$INFRA_DIR/kind/airgap.yaml
+fi
 if [[ $GPU == 1 ]]; then
   gpu_flag=(--gpu)
   addons="$addons, NVIDIA device plugin"
 fi
 started=$SECONDS
 
+if [[ $AIRGAP == 1 ]]; then
+  step "[0/8] air-gapped build: binaries and images (cached; cold: about half an hour of Go builds)"
+  "$INFRA_DIR/airgap/binaries.sh"
+  "$INFRA_DIR/airgap/images.sh"
+fi
+
 step "[1/8] preflight"
-"$INFRA_DIR/preflight.sh" --cluster "$CLUSTER" ${gpu_flag[@]+"${gpu_flag[@]}"}
+"$INFRA_DIR/preflight.sh" --cluster "$CLUSTER" ${gpu_flag[@]+"${gpu_flag[@]}"} \
+  $([[ $AIRGAP == 1 ]] && echo --airgap) $([[ $VALUES == *kind-small.yaml ]] && echo --small)
 
 step "[2/8] cluster"
 if [[ $CLUSTER == kind ]]; then
@@ -58,8 +87,7 @@ if [[ $CLUSTER == kind ]]; then
       --config-template "$INFRA_DIR/kind/gpu.yaml" --config-values - --wait 5m <<<"image: $KIND_NODE_IMAGE"
   else
     note "creating kind cluster $CLUSTER_NAME ($KIND_NODE_IMAGE)"
-    kind create cluster --name "$CLUSTER_NAME" --image "$KIND_NODE_IMAGE" \
-      --config "$INFRA_DIR/kind/cluster.yaml" --wait 5m
+    kind create cluster --name "$CLUSTER_NAME" --image "$KIND_NODE_IMAGE" --config "$kind_config" --wait 5m
   fi
   kubectl config use-context "kind-$CLUSTER_NAME" >/dev/null
   if [[ $GPU == 1 && -z $(kubectl get nodes -l nvidia.com/gpu.present=true -o name) ]]; then
@@ -71,8 +99,17 @@ context=$(kubectl config current-context)
 note "kubectl context: $context"
 
 step "[3/8] image $image"
-docker build -f infra/Dockerfile -t "$image" .
-if [[ $CLUSTER == kind ]]; then
+if docker image inspect "$image" >/dev/null 2>&1; then
+  note "$image exists (same code): not rebuilt"
+else
+  docker build -f infra/Dockerfile "${build_args[@]}" -t "$image" .
+fi
+if [[ $AIRGAP == 1 ]]; then
+  # The air-gapped engine keeps images in its own store: kind loads them directly (and skips an
+  # image every node already has)
+  kind load docker-image "$image" "driftloop-airgap/postgres:15-$DEBIAN_SUITE" \
+    "driftloop-airgap/redis:7-$DEBIAN_SUITE" --name "$CLUSTER_NAME"
+elif [[ $CLUSTER == kind ]]; then
   # Saved for this platform only, then loaded: `kind load docker-image` fails on Docker's containerd
   # image store ("content digest not found"), kind's documented workaround.
   archive=$(mktemp)
@@ -90,7 +127,8 @@ step "[4/8] add-ons: $addons"
 step "[5/8] chart helm/driftloop -> namespace $NAMESPACE ($VALUES)"
 # On a first install Helm also waits for the bootstrap job (a post-install hook): its logs tell why it failed.
 if ! helm upgrade --install driftloop helm/driftloop -n "$NAMESPACE" --create-namespace -f "$VALUES" \
-  --set image.repository="$IMAGE_REPOSITORY" --set image.tag="$IMAGE_TAG" --wait --timeout 20m; then
+  --set image.repository="$IMAGE_REPOSITORY" --set image.tag="$IMAGE_TAG" ${chart_args[@]+"${chart_args[@]}"} \
+  --wait --timeout 20m; then
   kubectl logs job/driftloop-bootstrap -n "$NAMESPACE" --all-containers --tail=200 >&2 2>/dev/null || true
   die "helm could not install the release driftloop (the bootstrap job's logs, if it ran, are above)"
 fi

@@ -9,15 +9,27 @@ source "$INFRA_DIR/versions.env"
 CLUSTER_NAME=driftloop
 DRIFTLOOP=$REPO_ROOT/.venv/bin/driftloop
 # The project image as infra/deploy.sh tags it: [REGISTRY/]driftloop:<the version in pyproject.toml>
-IMAGE_TAG=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/pyproject.toml" | head -n 1)
+IMAGE_VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/pyproject.toml" | head -n 1)
+IMAGE_TAG=$IMAGE_VERSION
 IMAGE_REPOSITORY=driftloop
 [[ -z ${REGISTRY:-} ]] || IMAGE_REPOSITORY=${REGISTRY%/}/driftloop
 PF_PIDS=()
 PF_PORT=
 
-# The helm that `make chart-tools` builds at the pinned version when it is there, else helm from PATH
-# (infra/preflight.sh checks its version either way).
-if [[ -x $REPO_ROOT/.tools/bin/helm ]]; then
+# AIRGAP=1: nothing is pulled. kind, kubectl and helm are the ones infra/airgap/binaries.sh built, the
+# Docker engine is the one infra/airgap/dockerd.sh runs, and every image is built on this machine.
+AIRGAP=${AIRGAP:-0}
+if [[ $AIRGAP == 1 ]]; then
+  AIRGAP_CACHE=${DRIFTLOOP_AIRGAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/driftloop/airgap}
+  export DOCKER_HOST=unix://$AIRGAP_CACHE/docker/docker.sock
+  PATH="$AIRGAP_CACHE/bin/kind-$KIND_VERSION:$AIRGAP_CACHE/bin/kubernetes-$KUBECTL_VERSION:$PATH"
+  # Debian's docker CLI, the engine's own version: its BuildKit needs no buildx plugin
+  PATH="$AIRGAP_CACHE/docker/cli:$AIRGAP_CACHE/bin/helm-$HELM_VERSION:$PATH"
+  KIND_NODE_IMAGE=driftloop-airgap/kind-node:$KUBECTL_VERSION
+  export DOCKER_BUILDKIT=1
+elif [[ -x $REPO_ROOT/.tools/bin/helm ]]; then
+  # The helm that `make chart-tools` builds at the pinned version when it is there, else helm from
+  # PATH (infra/preflight.sh checks its version either way).
   helm() { "$REPO_ROOT/.tools/bin/helm" "$@"; }
 fi
 

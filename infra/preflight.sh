@@ -7,12 +7,16 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage="usage: infra/preflight.sh [--gpu] [--cluster kind|current]"
+usage="usage: infra/preflight.sh [--gpu] [--airgap] [--small] [--cluster kind|current]"
 gpu=0
 cluster=kind
+airgap=0
+min_cpus=4
 while (($#)); do
   case $1 in
     --gpu) gpu=1 ;;
+    --airgap) airgap=1 ;;
+    --small) min_cpus=2 ;;
     --cluster) (($# >= 2)) || die "--cluster takes kind or current ($usage)"; cluster=$2; shift ;;
     -h | --help) echo "$usage"; exit 0 ;;
     *) die "unknown argument '$1' ($usage)" ;;
@@ -62,14 +66,19 @@ elif ! server=$(docker info --format '{{.ServerVersion}}' 2>/dev/null) || [[ -z 
 else
   engine=1
   # 28+: `docker image save --platform`, which loads the image into kind whatever the image store
-  if version_at_least "$server" 28.0.0; then
+  # (the air-gapped engine's own store needs no such thing: kind loads from it directly)
+  if ((airgap)); then
+    ok "docker engine $server (infra/airgap/dockerd.sh)"
+  elif version_at_least "$server" 28.0.0; then
     ok "docker engine $server"
   else
     fail "docker: engine $server is too old — upgrade to Docker Engine 28 or newer:" \
       "https://docs.docker.com/engine/install/"
   fi
 fi
-if has docker; then
+if ((airgap)); then
+  ok "docker build: BuildKit of Debian's docker CLI"
+elif has docker; then
   if docker buildx version >/dev/null 2>&1; then
     ok "docker buildx (BuildKit: cache mounts, infra/Dockerfile.dockerignore)"
   else
@@ -168,11 +177,12 @@ if [[ $cluster == kind ]]; then
     fail "memory: $mem $where, need 8 GiB (the add-ons and the stack share one node) —" \
       "give Docker more memory (Docker Desktop: Settings > Resources) or use a larger machine"
   fi
-  if ((cpus >= 4)); then
+  if ((cpus >= min_cpus)); then
     ok "CPUs: $cpus $where"
   else
-    fail "CPUs: $cpus $where, need 4 (the first install starts dozens of pods at once) —" \
-      "give Docker more CPUs (Docker Desktop: Settings > Resources) or use a larger machine"
+    fail "CPUs: $cpus $where, need $min_cpus (the first install starts dozens of pods at once) —" \
+      "give Docker more CPUs (Docker Desktop: Settings > Resources), use a larger machine, or" \
+      "VALUES=helm/values/kind-small.yaml (2 CPUs)"
   fi
 
   # kind's known issue "Pod errors due to too many open files": every node and pod watches files.

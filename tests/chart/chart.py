@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "driftloop"
 CRDS = ROOT / "infra" / "crds"
 RELEASE, NAMESPACE = "driftloop", "kubeflow"
-# The values files each kind of cluster installs with (what `make deploy` passes).
-SCENARIOS = {
-    "kind": ["kind.yaml"],
-    "kind-gpu": ["kind-gpu.yaml"],
-    "cloud": ["cloud.yaml"],
+# The values files (and --set values) each kind of cluster installs with (what `make deploy` passes).
+SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
+    "kind": (["kind.yaml"], []),
+    "kind-small": (["kind-small.yaml"], []),
+    "kind-gpu": (["kind-gpu.yaml"], []),
+    # A cloud install names its ReadWriteMany storage class: the schema refuses ReadWriteMany without one.
+    "cloud": (["cloud.yaml"], ["persistence.storageClass=efs-sc"]),
 }
 
 
@@ -51,7 +53,9 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def values_args(scenario: str) -> list[str]:
-    return [arg for name in SCENARIOS[scenario] for arg in ("-f", str(ROOT / "helm" / "values" / name))]
+    files, sets = SCENARIOS[scenario]
+    return [*(arg for name in files for arg in ("-f", str(ROOT / "helm" / "values" / name))),
+            *(arg for value in sets for arg in ("--set", value))]
 
 
 def render_text(scenario: str, *sets: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -145,7 +145,8 @@ def test_every_container_is_restricted_resourced_and_probed(scenario):
             assert context["capabilities"] == {"drop": ["ALL"]}, name
             assert {"cpu", "memory"} <= set(container["resources"]["limits"]), name
             assert not container["image"].endswith(":latest") and ":" in container["image"], name
-            if doc["kind"] in ("Deployment", "StatefulSet", "InferenceService"):  # servers, not Jobs
+        if doc["kind"] in ("Deployment", "StatefulSet", "InferenceService"):  # servers, not Jobs
+            for container in spec["containers"]:  # init containers run to completion: no probes
                 assert "readinessProbe" in container and "livenessProbe" in container, name
 
 
@@ -201,3 +202,221 @@ def test_kfp_components_find_what_the_chart_provides():
     mount = find(docs, "Deployment", "driftloop-retrainer")["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "state", "mountPath": wiring.state_mount} in mount["volumeMounts"]
     find(docs, "PersistentVolumeClaim", f"{wiring.release}-state")
+
+
+# What a kind cluster on one 2-CPU node leaves for driftloop next to the control plane and the add-ons
+# (about 1.2 CPU and 6 GiB): the small profile's requests must stay well under it.
+SMALL_NODE_BUDGET = {"cpu": 0.8, "memory": 5 * 2**30}
+SERVERS = ("Deployment", "StatefulSet", "InferenceService")
+
+
+def quantity(value: str | float) -> float:
+    """A Kubernetes quantity as a number: CPUs, or bytes."""
+    text = str(value)
+    for suffix, factor in (("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30), ("Ti", 2**40), ("m", 1e-3)):
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * factor
+    return float(text)
+
+
+def pod_requests(doc: dict, spec: dict) -> dict[str, float]:
+    """What the scheduler reserves for one workload: per pod the larger of its containers together and its
+    largest init container (they run one at a time, before the containers), times its replicas."""
+    replicas = {"InferenceService": doc["spec"].get("predictor", {}).get("minReplicas", 1)}.get(
+        doc["kind"], doc["spec"].get("replicas", 1))
+    total = {}
+    for resource in ("cpu", "memory"):
+        def requested(container: dict, resource: str = resource) -> float:
+            return quantity(container["resources"]["requests"][resource])
+        main = sum(requested(c) for c in spec["containers"])
+        init = max((requested(c) for c in spec.get("initContainers", [])), default=0.0)
+        total[resource] = max(main, init) * replicas
+    return total
+
+
+def main_container(spec: dict) -> dict:
+    return spec["containers"][0]
+
+
+def env_of(container: dict) -> dict[str, object]:
+    return {var["name"]: var.get("value", var.get("valueFrom")) for var in container.get("env", [])}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_mlflow_server_runs_without_the_job_runner_and_with_the_workers_asked_for(scenario):
+    container = main_container(find(render(scenario), "Deployment", "driftloop-mlflow")["spec"]["template"]["spec"])
+    assert env_of(container)["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # huey consumers: ~1.5 GiB idle
+    docs = render(scenario, "mlflow.workers=3", "mlflow.jobExecution=true")
+    container = main_container(find(docs, "Deployment", "driftloop-mlflow")["spec"]["template"]["spec"])
+    assert "--workers=3" in container["args"]
+    assert env_of(container)["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
+
+
+def test_kind_small_fits_a_two_cpu_node_with_every_pod_running_at_once():
+    docs = render("kind-small")
+    workloads = list(pod_specs(docs))
+    assert {d["kind"] for d, _ in workloads} >= {"Deployment", "StatefulSet", "Job", "CronJob", "InferenceService"}
+    total = {"cpu": 0.0, "memory": 0.0}
+    for doc, spec in workloads:
+        for resource, amount in pod_requests(doc, spec).items():
+            total[resource] += amount
+    assert total["cpu"] <= SMALL_NODE_BUDGET["cpu"], f"{total['cpu']:.2f} CPU requested"
+    assert total["memory"] <= SMALL_NODE_BUDGET["memory"], f"{total['memory'] / 2**30:.2f} GiB requested"
+    bootstrap = find(docs, "Job", "driftloop-bootstrap")["spec"]["template"]["spec"]
+    steps = {c["name"]: c["args"] for c in bootstrap["initContainers"] + bootstrap["containers"]}
+    assert "--rows=20000" in steps["generate"] and "--n-estimators=100" in steps["train"]
+    for name in ("driftloop-monitor", "driftloop-materialize"):
+        spec = next(s for _, s in pod_specs([find(docs, "CronJob", name)]))
+        requests = main_container(spec)["resources"]["requests"]
+        assert quantity(requests["cpu"]) <= 0.05 and quantity(requests["memory"]) <= 256 * 2**20, name
+    mlflow = main_container(find(docs, "Deployment", "driftloop-mlflow")["spec"]["template"]["spec"])
+    assert "--workers=1" in mlflow["args"]
+
+
+def test_default_values_stay_sized_for_real_clusters():
+    """kind-small shrinks a copy; the chart's own defaults keep the full data and the larger requests."""
+    docs = [doc for doc in yaml.safe_load_all(helm("template", "driftloop", str(CHART), "--namespace", "kubeflow",
+                                                   "--kube-version", kubernetes_version()).stdout) if doc]
+    bootstrap = find(docs, "Job", "driftloop-bootstrap")["spec"]["template"]["spec"]
+    assert "--rows=50000" in bootstrap["initContainers"][1]["args"]
+    assert "--n-estimators=300" in bootstrap["containers"][0]["args"]
+    small = sum(pod_requests(d, s)["cpu"] for d, s in pod_specs(render("kind-small")))
+    assert sum(pod_requests(d, s)["cpu"] for d, s in pod_specs(docs)) > 2 * small
+
+
+WAITS = {  # (kind, name) -> the stores its first init container waits for
+    ("StatefulSet", "driftloop-postgres"): None,
+    ("StatefulSet", "driftloop-redis"): None,
+    ("Deployment", "driftloop-evidently"): None,  # reads the workspace on the volume, no store
+    ("Deployment", "driftloop-mlflow"): ["postgres"],
+    ("Deployment", "driftloop-prefect"): ["postgres"],
+    ("Deployment", "driftloop-retrainer"): ["postgres", "redis", "mlflow", "prefect"],
+    ("InferenceService", "driftloop-fraud"): ["postgres", "redis", "mlflow"],
+    ("Job", "driftloop-bootstrap"): ["postgres", "redis", "mlflow"],
+    ("CronJob", "driftloop-materialize"): ["postgres", "redis"],
+    ("CronJob", "driftloop-monitor"): ["postgres", "mlflow", "prefect"],
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_wait_for_the_stores_they_connect_to_before_anything_else(scenario):
+    docs = render(scenario)
+    workloads = {(d["kind"], d["metadata"]["name"]) for d, _ in pod_specs(docs)}
+    assert workloads == set(WAITS) - ({("StatefulSet", "driftloop-postgres"), ("StatefulSet", "driftloop-redis")}
+                                      if scenario == "cloud" else set())  # cloud: managed stores
+    for (kind, name), stores in ((key, WAITS[key]) for key in sorted(workloads)):
+        spec = next(s for _, s in pod_specs([find(docs, kind, name)]))
+        inits = spec.get("initContainers", [])
+        if stores is None:
+            assert not any(c["name"] == "wait-for-stores" for c in inits), name
+            continue
+        first = inits[0]
+        assert first["name"] == "wait-for-stores", name
+        assert first["args"] == ["wait-for", "--timeout=600", *stores], name
+        assert first["image"] == main_container(spec)["image"], name  # the CLI of the same image
+        assert {"configMapRef": {"name": "driftloop-config"}} in first["envFrom"], name
+    # Without the retraining deployment, the monitor needs no Prefect server.
+    docs = render("kind", "monitor.retrain=false")
+    spec = next(s for _, s in pod_specs([find(docs, "CronJob", "driftloop-monitor")]))
+    assert spec["initContainers"][0]["args"] == ["wait-for", "--timeout=600", "postgres", "mlflow"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_servers_get_a_startup_probe_long_enough_for_a_slow_node(scenario):
+    docs = render(scenario)
+    least = 600 if scenario == "kind-small" else 300  # seconds before liveness counts
+    for doc, spec in pod_specs(docs):
+        if doc["kind"] not in SERVERS:
+            continue
+        container = main_container(spec)
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= least, name
+        assert "initialDelaySeconds" not in container["livenessProbe"], name  # the startup probe gates it
+        if "httpGet" in startup:  # the same endpoint as readiness
+            assert startup["httpGet"]["path"] == container["livenessProbe"]["httpGet"]["path"], name
+
+
+@pytest.mark.parametrize("tag", ["0.1.0-0123456789ab", "0.1.0-0123456789ab-gpu", "0.1.0@sha256:" + "a1" * 32])
+def test_a_content_tag_reaches_every_driftloop_container_and_rolls_the_pods(tag):
+    docs = render("kind", f"image.tag={tag}")
+    images = {c["image"] for _, spec in pod_specs(docs) for c in spec.get("initContainers", []) + spec["containers"]
+              if not c["image"].startswith("docker.io/")}
+    assert images == {f"driftloop:{tag}"}
+    assert find(docs, "ConfigMap", "driftloop-config")["data"]["DRIFTLOOP_IMAGE"] == f"driftloop:{tag}"
+
+    def checksums(docs: list[dict]) -> dict[str, str]:
+        found = {}
+        for doc in docs:
+            template = {"Deployment": lambda d: d["spec"]["template"]["metadata"],
+                        "InferenceService": lambda d: d["spec"]["predictor"]}.get(doc["kind"])
+            if template:
+                found[doc["metadata"]["name"]] = template(doc).get("annotations", {}).get("checksum/config")
+        return found
+
+    before, after = checksums(render("kind")), checksums(docs)
+    for name in ("driftloop-fraud", "driftloop-retrainer", "driftloop-evidently"):  # they read the settings
+        assert before[name] and after[name] and before[name] != after[name], name
+
+
+@pytest.mark.parametrize("tag", ["latest", "latest@sha256:" + "a1" * 32, "0.1 0", "ghcr.io/x:1", "-1", ""])
+def test_a_floating_or_malformed_tag_is_refused(tag):
+    result = render_text("kind", f"image.tag={tag}", check=False)
+    assert result.returncode != 0 and "/image/tag" in result.stderr
+
+
+def test_prefect_server_runs_in_the_chart_on_its_postgres_database():
+    docs = render("kind")
+    service = find(docs, "Service", "driftloop-prefect")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 4200, "targetPort": "http"}]
+    spec = find(docs, "Deployment", "driftloop-prefect")["spec"]["template"]["spec"]
+    container = main_container(spec)
+    assert container["image"] == "driftloop:0.1.0"  # the project image: the locked Prefect
+    assert container["command"] + container["args"] == ["prefect", "server", "start", "--host", "0.0.0.0",
+                                                        "--port", "4200"]
+    env = env_of(container)
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == {
+        "secretKeyRef": {"name": "driftloop-env", "key": "PREFECT_API_DATABASE_CONNECTION_URL"}}
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    home = next(m for m in container["volumeMounts"] if m["mountPath"] == env["HOME"])
+    assert volumes[home["name"]] == {"name": home["name"], "emptyDir": {}}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/api/health", "port": "http"}
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+
+    secret = secret_data(find(docs, "Secret", "driftloop-env"))
+    assert secret["PREFECT_API_DATABASE_CONNECTION_URL"] == (
+        f"postgresql+asyncpg://driftloop:{secret['postgres-password']}@driftloop-postgres:5432/prefect")
+    assert "CREATE DATABASE prefect OWNER driftloop;" in find(docs, "ConfigMap", "driftloop-postgres-init")[
+        "data"]["10-databases.sql"]
+    assert find(docs, "ConfigMap", "driftloop-config")["data"]["PREFECT_API_URL"] == "http://driftloop-prefect:4200/api"
+    policy = find(docs, "NetworkPolicy", "driftloop-prefect")["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "prefect"
+    assert policy["ingress"] == [{"ports": [{"port": 4200, "protocol": "TCP"}], "from": [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "driftloop"}}}]}]
+
+    # On managed stores the server reads its database URL from the user's Secret.
+    cloud = main_container(find(render("cloud"), "Deployment", "driftloop-prefect")["spec"]["template"]["spec"])
+    assert env_of(cloud)["PREFECT_API_DATABASE_CONNECTION_URL"]["secretKeyRef"]["name"] == "driftloop-connections"
+
+
+def test_prefect_server_can_be_left_out_for_a_server_of_your_own():
+    url = "http://prefect-server.prefect.svc.cluster.local:4200/api"
+    docs = render("kind", "prefect.server.enabled=false", f"settings.prefectApiUrl={url}")
+    assert not [d for d in docs if d["metadata"]["name"] == "driftloop-prefect"]
+    assert find(docs, "ConfigMap", "driftloop-config")["data"]["PREFECT_API_URL"] == url
+    assert "PREFECT_API_DATABASE_CONNECTION_URL" not in secret_data(find(docs, "Secret", "driftloop-env"))
+    result = render_text("kind", "prefect.server.enabled=false", check=False)
+    assert result.returncode != 0 and "settings.prefectApiUrl is required" in result.stderr
+
+
+def test_read_write_many_without_a_storage_class_is_refused_with_the_classes_to_use():
+    result = helm("template", "driftloop", str(CHART), "--kube-version", kubernetes_version(),
+                  "-f", str(ROOT / "helm" / "values" / "cloud.yaml"), check=False)
+    assert result.returncode != 0
+    for words in ("persistence.storageClass", "efs-sc", "standard-rwx", "azurefile"):
+        assert words in result.stderr
+    claim = find(render("cloud"), "PersistentVolumeClaim", "driftloop-state")["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"] and claim["storageClassName"] == "efs-sc"
+    assert "storageClassName" not in find(render("kind"), "PersistentVolumeClaim", "driftloop-state")["spec"]

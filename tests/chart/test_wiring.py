@@ -1,8 +1,10 @@
 """Every container of the rendered chart, run here with its own command, arguments and environment.
 
-Service names map to loopback ports of real local servers (Debian's PostgreSQL and Redis, the MLflow
-server and Prefect server from the project's venv), volume mounts to folders. Each server must answer its
-probes; each Job must exit 0. This proves every command, port, variable and probe the chart holds.
+Service names map to loopback ports of real local servers (Debian's PostgreSQL and Redis; the MLflow and
+Prefect servers are the chart's own containers, run from the project's venv), volume mounts to folders.
+Each pod's init containers run first and must exit 0 (the wait for its stores among them); each server
+must answer its probes; each Job must exit 0. This proves every command, port, variable and probe the
+chart holds.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ pytestmark = pytest.mark.chart
 VENV_BIN = Path(sys.executable).parent
 # Small data and model: the wiring is under test here, not the model.
 FAST = ("bootstrap.rows=8000", "bootstrap.customers=400", "bootstrap.merchants=40", "bootstrap.nEstimators=30")
-PREFECT_SERVICE = "prefect-server.prefect.svc.cluster.local:4200"  # installed by infra/addons.sh
 
 
 @dataclass
@@ -39,12 +40,12 @@ class LocalCluster:
     root: Path
     ports: dict[str, int] = field(default_factory=dict)  # "service:port" -> loopback port
     procs: list[subprocess.Popen] = field(default_factory=list)
+    servers: dict[str, subprocess.Popen] = field(default_factory=dict)  # pod name -> its server
 
     def __post_init__(self) -> None:
         for svc in (d for d in self.docs if d["kind"] == "Service"):
             for port in svc["spec"]["ports"]:
                 self.ports[f"{svc['metadata']['name']}:{port['port']}"] = free_port()
-        self.ports[PREFECT_SERVICE] = free_port()
         self.ports["driftloop-fraud-predictor:80"] = free_port()  # KServe makes this Service
         self.config = find(self.docs, "ConfigMap", "driftloop-config")["data"]
         self.secret = secret_data(find(self.docs, "Secret", "driftloop-env"))
@@ -157,9 +158,18 @@ class LocalCluster:
             stop_group(proc)
 
 def container_of(docs: list[dict], kind: str, name: str, container: str | None = None) -> tuple[dict, dict]:
+    """The pod spec and one container: the named one, else the pod's (first) main container."""
     spec = next(s for _, s in pod_specs([find(docs, kind, name)]))
-    containers = spec.get("initContainers", []) + spec["containers"]
-    return spec, next(c for c in containers if container in (None, c["name"]))
+    if container is None:
+        return spec, spec["containers"][0]
+    return spec, next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == container)
+
+
+def run_init_containers(cluster: LocalCluster, pod: str, spec: dict) -> None:
+    """A pod's init containers, in order, as the kubelet runs them: each must exit 0 before the next."""
+    for container in spec.get("initContainers", []):
+        argv, env = cluster.prepare(pod, spec, container)
+        cluster.run(f"{pod}-{container['name']}", argv, env, timeout=300)
 
 
 def probe_exec(cluster: LocalCluster, probe: dict, env: dict[str, str], extra: list[str]) -> None:
@@ -213,23 +223,20 @@ def _stores_up(cluster: LocalCluster, admin_dsn: str) -> Iterator[LocalCluster]:
         time.sleep(0.2)
     probe_exec(cluster, redis["readinessProbe"], env, ["-p", str(redis_port)])
 
-    # The Prefect server (an add-on of the cluster, not of the chart).
-    prefect_port = cluster.ports[PREFECT_SERVICE]
-    prefect_env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(cluster.root / "prefect"),
-                   "PREFECT_HOME": str(cluster.root / "prefect"), "DO_NOT_TRACK": "1",
-                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = cluster.start("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                            "--port", str(prefect_port)], prefect_env)
-    cluster.wait_http("prefect-server", prefect_port, "/api/health", proc)
+    # The chart's Prefect server, on its database in PostgreSQL (made by the init SQL above).
+    proc, container, port = start_server(cluster, "Deployment", "driftloop-prefect", "driftloop-prefect:4200")
+    probe_paths(cluster, "driftloop-prefect", container, port, proc, timeout=180)
     yield cluster
 
 
 def start_server(cluster: LocalCluster, kind: str, name: str, service: str) -> tuple[subprocess.Popen, dict, int]:
     spec, container = container_of(cluster.docs, kind, name)
+    run_init_containers(cluster, name, spec)
     inside = container["ports"][0]["containerPort"]
     local = cluster.ports[service]
     argv, env = cluster.prepare(name, spec, container, listen={inside: local})
-    return cluster.start(name, argv, env), container, local
+    cluster.servers[name] = cluster.start(name, argv, env)
+    return cluster.servers[name], container, local
 
 
 def probe_paths(cluster: LocalCluster, name: str, container: dict, port: int, proc, timeout: float) -> None:
@@ -251,6 +258,14 @@ def test_mlflow_server_answers_its_probes_and_the_service_name(mlflow):
     for host in ("driftloop-mlflow:5000", f"driftloop-mlflow.{NAMESPACE}.svc.cluster.local:5000", "localhost:5000"):
         assert httpx.get(api, headers={"Host": host}, timeout=5).status_code == 200, host
     assert httpx.get(api, headers={"Host": "evil.example:5000"}, timeout=5).status_code == 403
+
+
+def test_mlflow_server_starts_no_job_runner(cluster, mlflow):
+    """MLflow 3's job runner (a consumer per job type, ~1.5 GiB together) idled the pod at its limit."""
+    server = cluster.servers["driftloop-mlflow"]
+    processes = subprocess.run(["ps", "-o", "rss=,args=", "--sid", str(server.pid)], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    assert processes and not [line for line in processes if "huey" in line or "_job_runner" in line], processes
 
 
 @pytest.fixture(scope="module")
@@ -293,14 +308,15 @@ def test_evidently_ui_answers_its_probes(bootstrapped):
 
 def test_retrainer_registers_the_deployment_and_runs_a_submitted_flow_run(bootstrapped, mlflow):
     spec, container = container_of(bootstrapped.docs, "Deployment", "driftloop-retrainer")
+    run_init_containers(bootstrapped, "retrainer", spec)
     port = free_port()
     argv, env = bootstrapped.prepare("retrainer", spec, container, listen={8080: port})
     proc = bootstrapped.start("retrainer", argv, env)
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         bootstrapped.wait_http("retrainer", port, container[probe]["httpGet"]["path"], proc)
 
     # `make submit-pipeline ENGINE=prefect` does this through a port-forward.
-    api = f"http://{bootstrapped.local(PREFECT_SERVICE)}/api"
+    api = f"http://{bootstrapped.local('driftloop-prefect:4200')}/api"
     submit = subprocess.run([str(VENV_BIN / "driftloop"), "pipeline", "submit", "--engine", "prefect", "--url", api],
                             env={**env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=120,
                             check=False)
@@ -319,6 +335,7 @@ def test_retrainer_registers_the_deployment_and_runs_a_submitted_flow_run(bootst
 def test_cronjobs_run_against_the_stores(bootstrapped):
     for name in ("driftloop-materialize", "driftloop-monitor"):
         spec, container = container_of(bootstrapped.docs, "CronJob", name)
+        run_init_containers(bootstrapped, name, spec)
         argv, env = bootstrapped.prepare(name, spec, container)
         bootstrapped.run(name, argv, env, timeout=300)
 

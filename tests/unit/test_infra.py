@@ -4,6 +4,8 @@ the image is built the way the chart expects, and make calls the scripts with th
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
-SCRIPTS = sorted(INFRA.glob("*.sh"))
+SCRIPTS = sorted([*INFRA.glob("*.sh"), *INFRA.glob("airgap/*.sh")])
 RUNNABLE = [s for s in SCRIPTS if s.name != "lib.sh"]  # lib.sh is sourced, never run
 
 
@@ -34,20 +36,20 @@ def versions() -> dict[str, str]:
 
 def make(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS"}}
-    for name in ("CLUSTER", "GPU", "REGISTRY", "NAMESPACE", "VALUES", "ENGINE"):  # the targets' own knobs
+    for name in ("CLUSTER", "GPU", "REGISTRY", "NAMESPACE", "VALUES", "ENGINE", "AIRGAP"):  # the targets' knobs
         env.pop(name, None)
     return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60, check=False)
 
 
 # scripts -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(INFRA)))
 def test_every_script_parses(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("script", RUNNABLE, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", RUNNABLE, ids=lambda p: str(p.relative_to(INFRA)))
 def test_every_script_is_strict_executable_and_says_how_to_call_it(script):
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n")
@@ -111,8 +113,9 @@ def test_deploy_to_an_existing_cluster_needs_a_registry(tmp_path):
 def test_versions_env_pins_every_tool_to_a_concrete_version():
     pins = versions()
     expected = {"KIND_VERSION", "KIND_NODE_IMAGE", "KUBECTL_VERSION", "HELM_VERSION", "CERT_MANAGER_VERSION",
-                "KSERVE_VERSION", "KFP_VERSION", "PREFECT_CHART_VERSION", "PREFECT_IMAGE_TAG",
-                "NVIDIA_DEVICE_PLUGIN_VERSION", "NVKIND_VERSION"}
+                "KSERVE_VERSION", "KFP_VERSION", "NVIDIA_DEVICE_PLUGIN_VERSION", "NVKIND_VERSION",
+                "CONTAINERD_VERSION", "RUNC_VERSION", "CRICTL_VERSION", "CNI_PLUGINS_VERSION", "ETCD_VERSION",
+                "COREDNS_VERSION", "LOCAL_PATH_PROVISIONER_VERSION", "KUBE_ROUTER_VERSION", "DEBIAN_SUITE"}
     assert expected <= pins.keys()
     semver = re.compile(r"^v?\d+\.\d+\.\d+$")
     for key, value in pins.items():
@@ -121,8 +124,8 @@ def test_versions_env_pins_every_tool_to_a_concrete_version():
             assert re.fullmatch(r"kindest/node:v\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", value), "tag and digest"
         elif key == "NVKIND_VERSION":
             assert re.fullmatch(r"[0-9a-f]{40}", value), "a full commit: nvkind has no release tags"
-        elif key == "PREFECT_IMAGE_TAG":
-            assert re.fullmatch(r"\d+\.\d+\.\d+-python\d+\.\d+", value)
+        elif key == "DEBIAN_SUITE":
+            assert value == "bookworm", "the node's systemd must boot on cgroup v1 hosts (trixie's refuses)"
         else:
             assert semver.match(value), f"{key}={value} is not a version"
 
@@ -131,9 +134,6 @@ def test_versions_agree_with_each_other_and_the_lock():
     pins = versions()
     node_kubernetes = re.search(r":(v[\d.]+)@", pins["KIND_NODE_IMAGE"]).group(1)
     assert pins["KUBECTL_VERSION"] == node_kubernetes, "kubectl of the node image's Kubernetes release"
-    lock = tomllib.loads((ROOT / "uv.lock").read_text())
-    prefect = next(p["version"] for p in lock["package"] if p["name"] == "prefect")
-    assert pins["PREFECT_IMAGE_TAG"] == f"{prefect}-python3.11", "the Prefect server runs the locked Prefect"
     makefile = (ROOT / "Makefile").read_text()
     # The chart tests build helm from the same pin the deploy uses.
     assert "include infra/versions.env" in makefile and "helm@$(HELM_VERSION)" in makefile
@@ -148,8 +148,27 @@ def test_dockerfile_bases_are_pinned_to_one_patch_release():
     bases = re.findall(r"^FROM\s+(\S+)", dockerfile(), re.MULTILINE)
     assert len(bases) == 2, "a builder and a runtime stage"
     assert len(set(bases)) == 1, "the venv built in the first stage links to the second stage's interpreter"
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", bases[0]), bases[0]
+    assert bases[0] == "${PYTHON_IMAGE}"
+    default = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile(), re.MULTILINE).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", default), default
     assert "latest" not in dockerfile()
+
+
+def test_the_cpu_variant_leaves_out_nvidia_packages_the_gpu_variant_keeps():
+    text = dockerfile()
+    assert re.search(r"^ARG VARIANT=cpu$", text, re.MULTILINE)
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    nvidia = {p["name"] for p in lock["package"] if p["name"].startswith("nvidia-")}
+    assert nvidia, "the lock has NVIDIA wheels (XGBoost's NCCL)"
+    for name in nvidia:
+        assert text.count(f'[ "$VARIANT" = gpu ] || echo --no-install-package {name}') == 2, name
+
+
+def test_the_image_has_the_artifact_store_clients_mlflow_needs_on_a_cloud():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = {re.split(r"[<>=\[]", d)[0] for d in project["optional-dependencies"]["artifacts"]}
+    assert {"boto3", "google-cloud-storage", "azure-storage-blob", "azure-identity"} <= extra
+    assert all("--extra artifacts" in s for s in re.findall(r"uv sync[^\n]*", dockerfile()))
 
 
 def test_dockerfile_runs_the_cli_as_a_numeric_non_root_user():
@@ -205,12 +224,15 @@ def test_make_help_lists_the_kubernetes_targets():
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    ((), "CLUSTER=kind GPU=0 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind.yaml infra/deploy.sh"),
-    (("GPU=1",), "CLUSTER=kind GPU=1 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind-gpu.yaml infra/deploy.sh"),
-    (("CLUSTER=current", "REGISTRY=ghcr.io/acme"),
-     "CLUSTER=current GPU=0 REGISTRY=ghcr.io/acme NAMESPACE=kubeflow VALUES=helm/values/cloud.yaml infra/deploy.sh"),
+    ((), "CLUSTER=kind GPU=0 AIRGAP=0 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind.yaml infra/deploy.sh"),
+    (("GPU=1",),
+     "CLUSTER=kind GPU=1 AIRGAP=0 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind-gpu.yaml infra/deploy.sh"),
+    (("CLUSTER=current", "REGISTRY=ghcr.io/acme"), "CLUSTER=current GPU=0 AIRGAP=0 REGISTRY=ghcr.io/acme "
+     "NAMESPACE=kubeflow VALUES=helm/values/cloud.yaml infra/deploy.sh"),
     (("VALUES=mine.yaml", "NAMESPACE=ml"),
-     "CLUSTER=kind GPU=0 REGISTRY= NAMESPACE=ml VALUES=mine.yaml infra/deploy.sh"),
+     "CLUSTER=kind GPU=0 AIRGAP=0 REGISTRY= NAMESPACE=ml VALUES=mine.yaml infra/deploy.sh"),
+    (("AIRGAP=1", "VALUES=helm/values/kind-small.yaml"),
+     "CLUSTER=kind GPU=0 AIRGAP=1 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind-small.yaml infra/deploy.sh"),
 ])
 def test_make_deploy_calls_the_script_with_its_settings(args, expected):
     result = make("-n", "deploy", *args)
@@ -220,16 +242,101 @@ def test_make_deploy_calls_the_script_with_its_settings(args, expected):
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (("preflight",), "infra/preflight.sh --cluster kind "),
-    (("preflight", "GPU=1", "CLUSTER=current"), "infra/preflight.sh --cluster current --gpu"),
-    (("undeploy",), "CLUSTER=kind GPU=0 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind.yaml infra/undeploy.sh"),
-    (("predict", "NAMESPACE=ml"), "NAMESPACE=ml infra/predict.sh"),
-    (("dashboards",), "NAMESPACE=kubeflow infra/dashboards.sh"),
-    (("submit-pipeline",), "REGISTRY= SECRET= infra/submit-pipeline.sh prefect"),
-    (("submit-pipeline", "ENGINE=kfp"), "REGISTRY= SECRET= infra/submit-pipeline.sh kfp"),
+    (("preflight",), "AIRGAP=0 infra/preflight.sh --cluster kind"),
+    (("preflight", "GPU=1", "CLUSTER=current"), "AIRGAP=0 infra/preflight.sh --cluster current --gpu"),
+    (("preflight", "AIRGAP=1", "VALUES=helm/values/kind-small.yaml"),
+     "AIRGAP=1 infra/preflight.sh --cluster kind --airgap --small"),
+    (("undeploy",),
+     "CLUSTER=kind GPU=0 AIRGAP=0 REGISTRY= NAMESPACE=kubeflow VALUES=helm/values/kind.yaml infra/undeploy.sh"),
+    (("predict", "NAMESPACE=ml"), "AIRGAP=0 NAMESPACE=ml infra/predict.sh"),
+    (("dashboards",), "AIRGAP=0 NAMESPACE=kubeflow infra/dashboards.sh"),
+    (("submit-pipeline",), "AIRGAP=0 NAMESPACE=kubeflow SECRET= infra/submit-pipeline.sh prefect"),
+    (("submit-pipeline", "ENGINE=kfp"), "AIRGAP=0 NAMESPACE=kubeflow SECRET= infra/submit-pipeline.sh kfp"),
+    (("e2e",), "AIRGAP=1 .venv/bin/python tests/e2e/cluster.py"),
 ])
 def test_make_targets_call_their_scripts(args, expected):
     result = make("-n", *args)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout.splitlines()
     assert "undefined variable" not in result.stderr
+
+
+# air-gapped builds -------------------------------------------------------------------------------------
+def test_the_airgap_kind_config_disables_the_default_cni_the_node_image_replaces():
+    config = yaml.safe_load((INFRA / "kind" / "airgap.yaml").read_text())
+    assert (config["kind"], config["apiVersion"]) == ("Cluster", "kind.x-k8s.io/v1alpha4")
+    assert config["networking"]["disableDefaultCNI"] is True
+    conflist = json.loads((INFRA / "airgap" / "node" / "10-driftloop-ptp.conflist").read_text())
+    assert [p["type"] for p in conflist["plugins"]] == ["ptp", "portmap"]
+    assert "10-driftloop-ptp.conflist /etc/cni/net.d/" in (INFRA / "airgap" / "node" / "Dockerfile").read_text()
+
+
+def test_runc_wrapper_drops_exactly_the_capabilities_the_host_cannot_grant(tmp_path):
+    bounding = int(re.search(r"^CapBnd:\s*([0-9a-f]+)$", Path("/proc/self/status").read_text(), re.M).group(1), 16)
+    if not shutil.which("capsh") or not shutil.which("jq"):
+        pytest.skip("needs capsh and jq (libcap2-bin, jq), as the air-gapped engine does")
+    caps = ["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_NET_ADMIN"]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    spec = {"process": {"capabilities": {k: list(caps) for k in ("bounding", "effective", "permitted")}}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    fake = tmp_path / "runc"
+    fake.write_text("#!/bin/sh\necho \"runc $*\"\n")
+    fake.chmod(0o755)
+    result = subprocess.run([str(INFRA / "airgap" / "runc-nosysres"), "--root", "/x", "create", "--bundle", str(bundle),
+                             "id1"], env={**os.environ, "REAL_RUNC": str(fake)}, capture_output=True, text=True,
+                            check=False, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"runc --root /x create --bundle {bundle} id1", "the arguments pass unchanged"
+    kept = json.loads((bundle / "config.json").read_text())["process"]["capabilities"]
+    host_lacks_sys_resource = not bounding & (1 << 24)
+    expected = [c for c in caps if not (c == "CAP_SYS_RESOURCE" and host_lacks_sys_resource)]
+    assert all(v == expected for v in kept.values()), kept
+
+
+def test_kserve_post_renderer_replaces_cert_manager_and_runs_the_local_controller(tmp_path):
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        (tmp_path / name).write_text(f"PEM {name}")
+    manifests = [
+        {"apiVersion": "cert-manager.io/v1", "kind": "Issuer", "metadata": {"name": "selfsigned-issuer"}},
+        {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": {"name": "serving-cert"}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+         "metadata": {"name": "v", "annotations": {"cert-manager.io/inject-ca-from": "kserve/serving-cert"}},
+         "webhooks": [{"name": "a", "clientConfig": {"service": {"name": "s"}}}]},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "kserve-controller-manager"},
+         "spec": {"template": {"spec": {"containers": [
+             {"name": "manager", "image": "kserve/kserve-controller:v0.20.0", "imagePullPolicy": "Always"},
+             {"name": "kube-rbac-proxy", "image": "quay.io/brancz/kube-rbac-proxy:v0.18.0"}]}}}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "inferenceservice-config"}},
+    ]
+    result = subprocess.run([str(ROOT / ".venv/bin/python"), str(INFRA / "airgap" / "kserve-post-render.py")],
+                            input=yaml.safe_dump_all(manifests), capture_output=True, text=True, check=False,
+                            env={**os.environ, "KSERVE_CERT_DIR": str(tmp_path), "KSERVE_IMAGE": "local/ctl:1"})
+    assert result.returncode == 0, result.stderr
+    out = {d["kind"]: d for d in yaml.safe_load_all(result.stdout)}
+    assert "Issuer" not in out and "Certificate" not in out
+    hook = out["ValidatingWebhookConfiguration"]
+    assert "cert-manager.io/inject-ca-from" not in hook["metadata"]["annotations"]
+    assert hook["webhooks"][0]["clientConfig"]["caBundle"] == base64.b64encode(b"PEM ca.crt").decode()
+    containers = out["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert [(c["name"], c["image"], c["imagePullPolicy"]) for c in containers] == [
+        ("manager", "local/ctl:1", "IfNotPresent")]
+    secret = out["Secret"]
+    assert secret["metadata"]["name"] == "kserve-webhook-server-cert" and secret["type"] == "kubernetes.io/tls"
+    assert base64.b64decode(secret["data"]["tls.key"]) == b"PEM tls.key"
+    assert out["ConfigMap"]["metadata"]["name"] == "inferenceservice-config", "everything else passes unchanged"
+
+
+def test_every_airgap_image_input_is_in_the_tree():
+    images = (INFRA / "airgap" / "images.sh").read_text()
+    for folder in re.findall(r'"\$AIRGAP_DIR/([a-z-]+)(?:/Dockerfile)?"', images):
+        assert (INFRA / "airgap" / folder / "Dockerfile").is_file(), folder
+    for pin in re.findall(r"\$([A-Z_]+_VERSION)\b", images + (INFRA / "airgap" / "binaries.sh").read_text()):
+        assert pin in versions(), f"{pin} is not pinned in infra/versions.env"
+
+
+def test_e2e_harness_lists_its_steps():
+    result = subprocess.run([str(ROOT / ".venv/bin/python"), str(ROOT / "tests/e2e/cluster.py"), "--help"],
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--keep" in result.stdout and "--from" in result.stdout

@@ -100,3 +100,67 @@ imagePullSecrets:
   volumeMounts:
     {{- include "driftloop.stateMounts" . | nindent 4 }}
 {{- end -}}
+
+{{/* The first init container of a pod whose program connects to stores at start: it waits until they
+accept connections, so a store that starts slowly delays the pod instead of failing it.
+(dict "ctx" $ "stores" (list "postgres" "redis")) */}}
+{{- define "driftloop.waitFor" -}}
+- name: wait-for-stores
+  image: {{ include "driftloop.image" .ctx }}
+  imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
+  args: {{ toJson (concat (list "wait-for" (printf "--timeout=%d" (int .ctx.Values.waitFor.timeout))) .stores) }}
+  envFrom:
+    {{- include "driftloop.envFrom" .ctx | nindent 4 }}
+  securityContext:
+    {{- include "driftloop.containerSecurity" . | nindent 4 }}
+  resources:
+    {{- toYaml .ctx.Values.waitFor.resources | nindent 4 }}
+  volumeMounts:
+    - {name: tmp, mountPath: /tmp}
+{{- end -}}
+
+{{/* A startup probe for a server that starts slowly on a small node; liveness counts only after it
+passed. (dict "ctx" $ "path" "/health") */}}
+{{- define "driftloop.startupProbe" -}}
+startupProbe:
+  httpGet: {path: {{ .path }}, port: http}
+  periodSeconds: {{ .ctx.Values.startupProbe.periodSeconds }}
+  failureThreshold: {{ .ctx.Values.startupProbe.failureThreshold }}
+{{- end -}}
+
+{{/* The ConfigMap's settings, hashed into pod templates so that a settings change (a new image tag
+among them) rolls the pods that read them. */}}
+{{- define "driftloop.configChecksum" -}}
+checksum/config: {{ include "driftloop.configData" . | sha256sum }}
+{{- end -}}
+
+{{/* The Prefect server's API: settings.prefectApiUrl, or the chart's own server. */}}
+{{- define "driftloop.prefectApiUrl" -}}
+{{- if .Values.settings.prefectApiUrl -}}
+{{- .Values.settings.prefectApiUrl -}}
+{{- else if .Values.prefect.server.enabled -}}
+{{- printf "http://%s-prefect:4200/api" (include "driftloop.fullname" .) -}}
+{{- else -}}
+{{- fail "settings.prefectApiUrl is required when prefect.server.enabled is false: the API of your Prefect server, e.g. http://prefect-server.prefect.svc.cluster.local:4200/api" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The settings every driftloop container gets: the ConfigMap's data. */}}
+{{- define "driftloop.configData" -}}
+{{- $fullname := include "driftloop.fullname" . -}}
+DRIFTLOOP_PROFILE: cluster
+DRIFTLOOP_STATE_DIR: /var/lib/driftloop
+DRIFTLOOP_DATA_DIR: /var/lib/driftloop/data
+DRIFTLOOP_MLFLOW_TRACKING_URI: http://{{ $fullname }}-mlflow:5000
+DRIFTLOOP_MODEL_NAME: {{ .Values.settings.modelName | quote }}
+DRIFTLOOP_EXPERIMENT: {{ .Values.settings.experiment | quote }}
+DRIFTLOOP_FEATURE_SERVICE: {{ .Values.settings.featureService | quote }}
+DRIFTLOOP_FEAST_PROJECT: {{ .Values.settings.feastProject | quote }}
+DRIFTLOOP_DEVICE: {{ .Values.settings.device | quote }}
+DRIFTLOOP_RETRAIN: {{ .Values.settings.retrain | quote }}
+DRIFTLOOP_IMAGE: {{ include "driftloop.image" . | quote }}
+PREFECT_API_URL: {{ include "driftloop.prefectApiUrl" . | quote }}
+PREFECT_LOGGING_LEVEL: {{ .Values.settings.prefectLogLevel | quote }}
+# MLflow, Prefect and Feast keep caches under HOME; the root file system is read-only.
+HOME: /tmp
+{{- end -}}
