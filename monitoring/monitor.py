@@ -26,7 +26,7 @@ from driftloop.contracts import MODEL_FEATURES
 from driftloop.settings import Settings
 from monitoring.drift import DriftPolicy, ReferenceProfile, build_profile, check_drift
 from monitoring.labels import performance
-from monitoring.retrain import Decision, RetrainState, TriggerPolicy, maybe_retrain
+from monitoring.retrain import Decision, TriggerPolicy, maybe_retrain, state_for
 from monitoring.store import LogStore
 from pipelines.steps.register import CHAMPION
 
@@ -118,7 +118,7 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
         reasons.append(f"served AUC {served:.3f} fell below the champion's {champion_auc:.3f} - {policy.auc_drop}")
     window_id = (f"{version}:{window['ts'].min():.6f}-{window['ts'].max():.6f}:{len(window)}" if len(window)
                  else f"{version}:empty")
-    state = RetrainState(settings.state / "monitor" / "retrain.db")
+    state = state_for(settings)  # SQLite in the state dir locally, PostgreSQL on a cluster
     insufficient = report.verdict == "insufficient_data" and served is None
     if not insufficient:
         state.record_window(window_id, bool(reasons), "; ".join(reasons))

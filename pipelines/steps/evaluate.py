@@ -25,9 +25,11 @@ class Metrics:
     brier: float
     rows: int
     slices: dict[str, float] = field(default_factory=dict)  # slice -> AUC; slices too small are left out
+    # slice -> [positives, negatives]: how much a slice's AUC can move by chance alone (auc_standard_error)
+    slice_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def flat(self, prefix: str = "") -> dict[str, float]:
-        out = {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k != "slices"}
+        out = {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k not in {"slices", "slice_counts"}}
         out.update({f"{prefix}auc_{SLICE_COLUMN}_{k}": v for k, v in self.slices.items()})
         return out
 
@@ -39,12 +41,15 @@ def compute(labels: np.ndarray, scores: np.ndarray, slices: pd.Series | None = N
     if len(np.unique(labels)) < 2:
         raise ValueError("the evaluation set has one class only: AUC is undefined")
     per_slice: dict[str, float] = {}
+    counts: dict[str, list[int]] = {}
     if slices is not None:
         keys = np.asarray(pd.Series(slices).astype(str))
         for name in np.unique(keys):
             y = labels[keys == name]
-            if min(int(y.sum()), int(len(y) - y.sum())) >= MIN_SLICE_CLASS:
+            positives, negatives = int(y.sum()), int(len(y) - y.sum())
+            if min(positives, negatives) >= MIN_SLICE_CLASS:
                 per_slice[str(name)] = float(roc_auc_score(y, scores[keys == name]))
+                counts[str(name)] = [positives, negatives]
     return Metrics(
         auc=float(roc_auc_score(labels, scores)),
         average_precision=float(average_precision_score(labels, scores)),
@@ -52,7 +57,15 @@ def compute(labels: np.ndarray, scores: np.ndarray, slices: pd.Series | None = N
         brier=float(brier_score_loss(labels, scores)),
         rows=len(labels),
         slices=per_slice,
+        slice_counts=counts,
     )
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley and McNeil's (1982) standard error of an AUC measured on this many positives and negatives."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc))
+    return math.sqrt(max(variance, 0.0) / (positives * negatives))
 
 
 def holdout(run_id: str) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.steps.evaluate import Metrics, evaluate_model, holdout
+from pipelines.steps.evaluate import Metrics, auc_standard_error, evaluate_model, holdout
 from pipelines.steps.train import TAG_FEATURE_SERVICE, TAG_FINGERPRINT, TAG_MODEL_URI
 
 CHAMPION = "champion"
@@ -60,10 +60,19 @@ def decide(candidate: Metrics, champion: Metrics | None, policy: GatePolicy) -> 
             )
         for name, champ_auc in sorted(champion.slices.items()):
             cand_auc = candidate.slices.get(name)
-            if cand_auc is not None and cand_auc < champ_auc - policy.slice_tolerance:
+            if cand_auc is None:
+                continue
+            # A small slice's AUC moves by chance: only a drop beyond both the tolerance and twice the
+            # standard error of the difference (the two AUCs' errors, taken as independent) is a regression.
+            counts = candidate.slice_counts.get(name) or champion.slice_counts.get(name)
+            noise = 2 * math.hypot(auc_standard_error(cand_auc, *counts), auc_standard_error(champ_auc, *counts)) \
+                if counts else 0.0
+            allowed = max(policy.slice_tolerance, noise)
+            if cand_auc < champ_auc - allowed:
                 failed.append(
                     f"slice {name} regresses: AUC {cand_auc:.4f} vs the champion's {champ_auc:.4f} "
-                    f"(tolerance {policy.slice_tolerance:.4f})"
+                    f"(tolerance {policy.slice_tolerance:.4f}"
+                    + (f", chance at {counts[0]} positives {noise:.4f})" if noise > policy.slice_tolerance else ")")
                 )
     if failed:
         return False, failed, "; ".join(failed)

@@ -67,16 +67,31 @@ class StepFailed(AssertionError):
 
 def sh(cmd: str | list[str], *, timeout: float = 600, check: bool = True, log: str | None = None,
        input: str | None = None) -> str:
-    """Run a command with the tools' environment; its output goes to .e2e/<log>.log when named."""
+    """Run a command with the tools' environment. With `log`, its output goes to .e2e/<log>.log as it comes
+    and its `==>` stage lines are shown (long steps show progress)."""
     args = shlex.split(cmd) if isinstance(cmd, str) else cmd
-    result = subprocess.run(args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout, input=input,
-                            check=False)
-    output = result.stdout + result.stderr
-    if log:
-        (OUT / f"{log}.log").write_text(output)
-    if check and result.returncode != 0:
-        raise StepFailed(f"`{' '.join(args)}` exited {result.returncode}:\n{output[-3000:]}")
-    return result.stdout
+    if log is None:
+        result = subprocess.run(args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                input=input, check=False)
+        returncode, stdout, output = result.returncode, result.stdout, result.stdout + result.stderr
+    else:
+        lines: list[str] = []
+        with (OUT / f"{log}.log").open("w") as sink, subprocess.Popen(
+                args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+            for line in proc.stdout:
+                sink.write(line)
+                sink.flush()
+                lines.append(line)
+                if line.startswith("==> "):
+                    print(f"    {line.rstrip()}", flush=True)
+            timer.cancel()
+        returncode, stdout = proc.returncode, "".join(lines)
+        output = stdout
+    if check and returncode != 0:
+        raise StepFailed(f"`{' '.join(args)}` exited {returncode}:\n{output[-3000:]}")
+    return stdout
 
 
 def kubectl(*args: str, timeout: float = 120, check: bool = True, input: str | None = None) -> str:
@@ -261,6 +276,9 @@ def inotify_limits() -> str:
 
 @step("deploy")
 def deploy() -> str:
+    if "driftloop" in sh(["kind", "get", "clusters"], check=False).split():
+        raise StepFailed("a kind cluster named driftloop exists: the e2e starts from none "
+                         f"(`make undeploy AIRGAP={ENV['AIRGAP']}` removes it, data included)")
     raised = inotify_limits()
     t0 = time.monotonic()
     out = sh(["make", "deploy", f"AIRGAP={ENV['AIRGAP']}", f"VALUES={VALUES}"], timeout=5400, log="deploy")
@@ -273,19 +291,27 @@ def deploy() -> str:
 @step("pods settle: Ready, no restart")
 def settled() -> str:
     def all_ready() -> list[dict] | None:
-        items = [p for ns in (NAMESPACE, "kserve") for p in json.loads(sh(
-            ["kubectl", "get", "pods", "-n", ns, "-o", "json"]))["items"]]
+        items = json.loads(sh(["kubectl", "get", "pods", "-A", "-o", "json"]))["items"]
         running = [p for p in items if p["status"].get("phase") != "Succeeded"]
         ready = all(c.get("ready") for p in running for c in p["status"].get("containerStatuses", []))
         return items if ready and running else None
 
     items = until("every pod Ready", all_ready, 600, every=5)
-    restarts = [f"{p['metadata']['name']}/{c['name']}: {c['restartCount']} "
-                f"({c.get('lastState', {}).get('terminated', {}).get('reason', '?')})"
-                for p in items for c in p["status"].get("containerStatuses", []) if c["restartCount"]]
-    if restarts:
-        raise StepFailed("restarts: " + "; ".join(restarts))
-    return f"{len(items)} pods, 0 restarts"
+    ours = {NAMESPACE, "kserve"}
+    restarts = {}
+    for p in items:
+        for c in p["status"].get("containerStatuses", []):
+            if c["restartCount"]:
+                last = c.get("lastState", {}).get("terminated", {})
+                restarts[f"{p['metadata']['namespace']}/{p['metadata']['name']}"] = (
+                    f"{c['restartCount']}x {last.get('reason', '?')}: {last.get('message', '')[:160]}")
+    mine = {k: v for k, v in restarts.items() if k.split("/")[0] in ours}
+    if mine:
+        raise StepFailed("restarts: " + "; ".join(f"{k} {v}" for k, v in mine.items()))
+    memory = sh(["docker", "stats", "--no-stream", "--format", "{{.MemUsage}} {{.CPUPerc}}"], check=False).strip()
+    others = "; ".join(f"{k} {v}" for k, v in restarts.items())
+    return (f"{len(items)} pods Ready, none of {NAMESPACE}/kserve restarted; node {memory}"
+            + (f"\nsystem pods restarted at boot: {others}" if others else ""))
 
 
 @step("kubelet enforces non-root, read-only root, resources, probes")
@@ -342,6 +368,13 @@ def latest_version(mlflow: str) -> int:
     return max((int(v["version"]) for v in r.json().get("model_versions", [])), default=0)
 
 
+def gate_reasons(mlflow: str) -> dict[str, str]:
+    r = httpx.get(f"{mlflow}/api/2.0/mlflow/model-versions/search", params={"filter": f"name='{MODEL}'"},
+                  timeout=10)
+    return {v["version"]: next((t["value"] for t in v.get("tags", []) if t["key"] == "gate.reason"), "?")
+            for v in r.json().get("model_versions", [])}
+
+
 def flow_state(prefect: str, flow_run_id: str) -> str | None:
     state = httpx.get(f"{prefect}/api/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
     if state in {"FAILED", "CRASHED", "CANCELLED"}:
@@ -369,8 +402,9 @@ def drift_loop() -> str:
             logs = run_job(f"e2e-monitor-{n}", "driftloop-monitor", timeout=2400)
             checks.append(logs)
         new = mlflow_champion(mlflow)
+        gates = gate_reasons(mlflow)
     assert "drift" in checks[0].lower(), checks[0][-1500:]
-    assert new != champion, f"champion stayed v{champion}; monitor said:\n{checks[-1][-2000:]}"
+    assert new != champion, f"champion stayed v{champion}; the gate said: {gates}"
 
     def served_by_new() -> dict | None:
         with forward(f"svc/{MODEL}-predictor", 80) as url:
@@ -540,10 +574,54 @@ def psql_count(label: str, want: int) -> int | None:
     return n if n >= want else None
 
 
-@step("NetworkPolicy enforcement")
+PROBE = """
+import json, socket, sys
+result = {}
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=4).close()
+        result[target] = "open"
+    except OSError as error:
+        result[target] = type(error).__name__
+print(json.dumps(result))
+"""
+
+
+def reach(name: str, labels: dict[str, str], targets: list[str]) -> dict[str, str]:
+    """From a new pod with these labels, which of host:port targets accept a TCP connection."""
+    image = kjson("deployment/driftloop-retrainer")["spec"]["template"]["spec"]["containers"][0]["image"]
+    kubectl("delete", "pod", name, "--ignore-not-found", "--wait")
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+           "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{"name": "probe", "image": image, "imagePullPolicy": "IfNotPresent",
+                                    "command": ["python", "-c", PROBE], "args": targets,
+                                    "resources": {"requests": {"cpu": "10m", "memory": "64Mi"},
+                                                  "limits": {"cpu": "200m", "memory": "256Mi"}},
+                                    "securityContext": {"allowPrivilegeEscalation": False,
+                                                        "readOnlyRootFilesystem": True,
+                                                        "capabilities": {"drop": ["ALL"]}}}]}}
+    kubectl("create", "-f", "-", input=json.dumps(pod))
+    until(f"{name} ends", lambda: kjson(f"pod/{name}")["status"].get("phase") in {"Succeeded", "Failed"}, 120)
+    result = json.loads(kubectl("logs", name).strip().splitlines()[-1])
+    kubectl("delete", "pod", name, "--wait=false")
+    return result
+
+
+@step("NetworkPolicies enforced (kube-router)")
 def network_policy() -> str:
-    return ("not enforced on this cluster: kind's policy engine needs the nftables queue expression this kernel "
-            "lacks, and no other engine is installed; the policies are accepted (kubectl get netpol)")
+    stores = ["driftloop-postgres:5432", "driftloop-redis:6379", "driftloop-mlflow:5000", "driftloop-prefect:4200"]
+    open_to_all = [f"{MODEL}-predictor:80", "driftloop-evidently:8000"]
+    stranger = reach("e2e-stranger", {"e2e": "stranger"}, stores + open_to_all)
+    member = reach("e2e-member", {"app.kubernetes.io/part-of": "driftloop"}, stores)
+    blocked = [t for t in stores if stranger[t] != "open"]
+    assert blocked == stores, f"a pod without the platform's labels reached: {stranger}"
+    assert all(stranger[t] == "open" for t in open_to_all), f"namespace clients must reach the UIs: {stranger}"
+    assert all(v == "open" for v in member.values()), f"the platform's pods must reach the stores: {member}"
+    return (f"unlabelled pod: {len(blocked)} stores blocked ({', '.join(sorted(set(stranger[t] for t in stores)))}), "
+            f"predictor and Evidently open; labelled pod: all {len(member)} stores open")
 
 
 @step("make undeploy: nothing left", always=True)

@@ -1,16 +1,45 @@
-"""Retraining guardrails: k of n windows, cooldown, single flight, idempotency, and the alert storm."""
+"""Retraining guardrails: the parts that need no server. The guardrails themselves run on both real stores
+in tests/integration/test_retrain_state.py."""
 
-import subprocess
-import sys
-import threading
+import sqlite3
+import time
 
 import pytest
 
-from monitoring.retrain import RetrainState, TriggerPolicy, maybe_retrain
+from monitoring.retrain import Heartbeat, SqliteRetrainState, TriggerPolicy, window_key
 
 pytestmark = pytest.mark.unit
 
-POLICY = TriggerPolicy(k=2, n=3, cooldown_s=600, lease_s=60)
+
+def test_the_key_names_a_set_of_windows():
+    assert window_key(["w2", "w1"]) == window_key(["w1", "w2"]) != window_key(["w1", "w3"])
+
+
+@pytest.mark.parametrize("bad", [{"lease_s": 0}, {"max_attempts": 0}])
+def test_a_policy_needs_a_lease_and_an_attempt(bad):
+    with pytest.raises(ValueError, match="lease_s"):
+        TriggerPolicy(**bad)
+
+
+def test_a_state_file_of_the_earlier_layout_is_adopted(tmp_path):
+    path = tmp_path / "retrain.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE windows (id TEXT PRIMARY KEY, ts REAL, signal INTEGER, reason TEXT);
+            CREATE TABLE retrainings (key TEXT PRIMARY KEY, started REAL, finished REAL, status TEXT, detail TEXT);
+        """)
+        db.executemany("INSERT INTO windows VALUES (?, ?, ?, ?)", [("w1", 1.0, 1, "drift"), ("w2", 2.0, 1, "drift")])
+        db.execute("INSERT INTO retrainings VALUES (?, 1.0, NULL, 'running', '')", (window_key(["w1", "w2"]),))
+    db.close()
+    state = SqliteRetrainState(path, lambda: 10.0)
+    assert [r[3] for r in state.retrainings()] == ["abandoned"]  # a run of the old layout never finished
+    decision = state.claim(TriggerPolicy(k=2, n=3, cooldown_s=0))
+    assert decision.start and decision.key == window_key(["w1", "w2"])  # its windows came along, and are retried
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    assert tables == {"retrain_windows", "retrain_runs"}
+    SqliteRetrainState(path)  # opening again changes nothing
 
 
 class Clock:
@@ -21,89 +50,17 @@ class Clock:
         return self.now
 
 
-def test_k_of_n_windows(tmp_path):
-    state = RetrainState(tmp_path / "m.db", Clock())
-    state.record_window("w1", True)
-    assert not state.claim(POLICY).start
-    state.record_window("w2", False)
-    assert "1 of the last 2" in state.claim(POLICY).reason
-    state.record_window("w3", True)
-    assert state.claim(POLICY).start
-
-
-def test_cooldown_single_flight_and_lease(tmp_path):
+def test_the_heartbeat_stops_when_its_claim_was_taken_over(tmp_path):
     clock = Clock()
-    state = RetrainState(tmp_path / "m.db", clock)
+    state = SqliteRetrainState(tmp_path / "retrain.db", clock)
     for w in ("w1", "w2"):
         state.record_window(w, True)
-    first = state.claim(POLICY)
-    assert first.start
-    state.record_window("w3", True)  # new windows, new key: but one is already running
-    assert "still running" in state.claim(POLICY).reason
-    clock.now += 61  # the running one's lease expired (killed midway); now the cooldown holds
-    assert "cooldown" in state.claim(POLICY).reason
-    clock.now += 600
-    assert state.claim(POLICY).start
-
-
-def test_the_same_windows_never_retrain_twice(tmp_path):
-    clock = Clock()
-    state = RetrainState(tmp_path / "m.db", clock)
-    for w in ("w1", "w2"):
-        state.record_window(w, True)
-    runs = []
-    assert maybe_retrain(state, POLICY, lambda: runs.append(1) or "v2").start
-    clock.now += 10_000
-    again = maybe_retrain(state, POLICY, lambda: runs.append(1) or "v3")
-    assert not again.start and "already retrained" in again.reason
-    assert runs == [1]
-    assert [r[3] for r in state.retrainings()] == ["done"]
-
-
-def test_a_failed_retraining_is_recorded(tmp_path):
-    state = RetrainState(tmp_path / "m.db", Clock())
-    for w in ("w1", "w2"):
-        state.record_window(w, True)
-
-    def boom():
-        raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError):
-        maybe_retrain(state, POLICY, boom)
-    assert state.retrainings()[0][3] == "failed"
-
-
-STORM = """
-import sys, time
-from pathlib import Path
-from monitoring.retrain import RetrainState, TriggerPolicy, maybe_retrain
-state = RetrainState(Path(sys.argv[1]))
-decision = maybe_retrain(state, TriggerPolicy(k=2, n=3), lambda: time.sleep(0.5) or "ran")
-print("STARTED" if decision.start else "SKIPPED")
-"""
-
-
-def test_a_storm_of_100_alerts_starts_exactly_one_retraining(tmp_path):
-    path = tmp_path / "m.db"
-    state = RetrainState(path)
-    for w in ("w1", "w2", "w3"):
-        state.record_window(w, True)
-    started = []
-    policy = TriggerPolicy(k=2, n=3)
-
-    def alert():
-        decision = maybe_retrain(RetrainState(path), policy, lambda: "ran")
-        if decision.start:
-            started.append(decision.key)
-
-    threads = [threading.Thread(target=alert) for _ in range(90)]
-    procs = [subprocess.Popen([sys.executable, "-c", STORM, str(path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(10)]  # other processes too: the claim is taken in the database, not in memory
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    total = len(started) + sum("STARTED" in o for o in outputs)
-    assert total == 1
-    assert len(state.retrainings()) == 1
+    policy = TriggerPolicy(k=2, n=3, lease_s=0.15)
+    first = state.claim(policy)
+    clock.now += 1  # expired before its first beat: the next claim takes over
+    assert state.claim(policy).start
+    with Heartbeat(state, first.attempt, policy.lease_s) as beat:
+        deadline = time.monotonic() + 10
+        while not beat.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert beat.lost
