@@ -55,8 +55,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def send_traffic(url: str, cfg: DemoConfig, stream: int, drift: str, label: str) -> dict:
-    """POST one window of new transactions by entity (features from the online store); 8 at a time."""
+def traffic_window(cfg: DemoConfig, stream: int, drift: str, label: str) -> tuple[list[dict], pd.DataFrame]:
+    """One window of new transactions as requests by entity (ids prefixed with ``label``), and the transactions."""
     gen = ingest.GeneratorConfig(rows=cfg.traffic, customers=cfg.customers, merchants=cfg.merchants, days=cfg.days,
                                  seed=cfg.seed, stream=stream, drift=drift, drift_days=0)
     tx = ingest.generate(gen).transactions
@@ -64,6 +64,12 @@ def send_traffic(url: str, cfg: DemoConfig, stream: int, drift: str, label: str)
                  "merchant_id": int(row["merchant_id"]),
                  **{c.name: (None if row[c.name] != row[c.name] else row[c.name]) for c in REQUEST_FEATURES}}
                 for row in tx.to_dict("records")]
+    return requests, tx
+
+
+def post_requests(url: str, requests: list[dict], threads: int = 8) -> dict:
+    """POST each request as its own single-instance call, ``threads`` at a time: answers by model version and
+    failures (an error status or no answer at all)."""
     versions: dict[str, int] = {}
     failures = 0
     lock = threading.Lock()
@@ -72,24 +78,33 @@ def send_traffic(url: str, cfg: DemoConfig, stream: int, drift: str, label: str)
         nonlocal failures
         with httpx.Client(timeout=10) as client:
             for instance in chunk:
-                response = client.post(url, json={"instances": [instance]})
+                try:
+                    response = client.post(url, json={"instances": [instance]})
+                    version = response.json()["model_version"] if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError, KeyError):
+                    version = None
                 with lock:
-                    if response.status_code == 200:
-                        version = response.json()["model_version"]
-                        versions[version] = versions.get(version, 0) + 1
-                    else:
+                    if version is None:
                         failures += 1
+                    else:
+                        versions[version] = versions.get(version, 0) + 1
 
-    threads = [threading.Thread(target=worker, args=(requests[i::8],)) for i in range(8)]
+    workers = [threading.Thread(target=worker, args=(requests[i::threads],)) for i in range(threads)]
     t0 = time.perf_counter()
-    for t in threads:
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
-    seconds = time.perf_counter() - t0
-    return {"requests": len(requests), "failures": failures, "versions": versions,
-            "rps": round(len(requests) / seconds), "labels": tx[["transaction_id", "is_fraud"]].assign(
-                transaction_id=lambda f: label + "-" + f["transaction_id"])}
+    return {"requests": len(requests), "answered": sum(versions.values()), "failures": failures,
+            "versions": versions, "seconds": time.perf_counter() - t0}
+
+
+def send_traffic(url: str, cfg: DemoConfig, stream: int, drift: str, label: str) -> dict:
+    """POST one window of new transactions by entity (features from the online store); 8 at a time."""
+    requests, tx = traffic_window(cfg, stream, drift, label)
+    sent = post_requests(url, requests)
+    return {**sent, "rps": round(len(requests) / sent["seconds"]), "labels": tx[["transaction_id", "is_fraud"]].assign(
+        transaction_id=lambda f: label + "-" + f["transaction_id"])}
 
 
 def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:

@@ -12,6 +12,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,10 @@ Record = tuple  # values in COLUMNS order
 
 
 class Sink(Protocol):
+    # Errors that say "the store is away" (a restart, a lock, a dropped connection): the batch is retried.
+    # Any other error is the batch's own (a value the store refuses): that batch alone is dropped.
+    transient: tuple[type[Exception], ...]
+
     def write(self, records: Sequence[Record]) -> None: ...
     def close(self) -> None: ...
 
@@ -46,11 +51,19 @@ class SqliteSink:
         self._insert = f"INSERT INTO predictions VALUES ({', '.join('?' * len(COLUMNS))})"  # noqa: S608 - constant names
         self._lock = threading.Lock()
 
+    transient = (sqlite3.OperationalError,)  # "database is locked", a full or unreachable disk
+
     def write(self, records: Sequence[Record]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany(self._insert, records)
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany(self._insert, records)
+                self._db.execute("COMMIT")
+            except BaseException:
+                # never leave the connection inside a failed transaction: every later write would fail too
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -63,16 +76,27 @@ class PostgresSink:
     def __init__(self, dsn: str, connect_timeout_s: int = 10) -> None:
         import psycopg
 
-        self._db = psycopg.connect(dsn, connect_timeout=connect_timeout_s, autocommit=True)
-        types = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'DOUBLE PRECISION'}" for c in COLUMNS)
-        self._db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({types})")
-        self._db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+        self._dsn, self._timeout = dsn, connect_timeout_s
+        self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
         self._insert = f"INSERT INTO predictions VALUES ({', '.join(['%s'] * len(COLUMNS))})"  # noqa: S608
         self._lock = threading.Lock()
+        self._db = self._connect()
+
+    def _connect(self):
+        import psycopg
+
+        db = psycopg.connect(self._dsn, connect_timeout=self._timeout, autocommit=True)
+        types = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'DOUBLE PRECISION'}" for c in COLUMNS)
+        db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({types})")
+        db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+        return db
 
     def write(self, records: Sequence[Record]) -> None:
-        with self._lock, self._db.transaction(), self._db.cursor() as cursor:
-            cursor.executemany(self._insert, records)
+        with self._lock:
+            if self._db.closed or self._db.broken:  # the server restarted or the network dropped: reconnect
+                self._db = self._connect()
+            with self._db.transaction(), self._db.cursor() as cursor:
+                cursor.executemany(self._insert, records)
 
     def close(self) -> None:
         with self._lock:
@@ -87,8 +111,14 @@ def sink_for(settings) -> Sink:
 
 
 class InferenceLog:
-    def __init__(self, sink: Sink, max_queue: int = 100_000, batch: int = 1_000) -> None:
+    """Records go to a bounded queue (never blocking a request); one thread writes them in batches. While the
+    store is away (``sink.transient`` errors) a batch is retried with backoff, for up to ``retry_s``, as the
+    queue keeps taking records; a batch the store refuses for its contents is dropped alone and counted."""
+
+    def __init__(self, sink: Sink, max_queue: int = 100_000, batch: int = 1_000, retry_s: float = 300.0) -> None:
         self._sink = sink
+        self._retry_s = retry_s
+        self.healthy = True  # the last write succeeded (readiness and /metrics show it)
         self._queue: queue.Queue[list[Record] | None] = queue.Queue(maxsize=max_queue)
         self._batch = batch
         self._closed = False
@@ -134,13 +164,33 @@ class InferenceLog:
             self._write(batch)
 
     def _write(self, batch: list[Record]) -> None:
-        try:
-            with self._sink_lock:
-                self._sink.write(batch)
-                self.written += len(batch)
-        except Exception:  # a broken sink must not kill the writer: count and go on
-            log.exception("inference log: could not write %d records", len(batch))
-            self.dropped += len(batch)
+        started, delay = time.monotonic(), 0.2
+        while True:
+            try:
+                with self._sink_lock:
+                    self._sink.write(batch)
+                    self.written += len(batch)
+                if not self.healthy:
+                    log.warning("inference log: writing again after %.0f s", time.monotonic() - started)
+                self.healthy = True
+                return
+            except self._sink.transient as error:
+                # shutting down: a few seconds at most, the pod's grace period is short
+                budget = min(self._retry_s, 10.0) if self._closed else self._retry_s
+                if self.healthy:
+                    log.warning("inference log: the store is away (%s); retrying", type(error).__name__)
+                self.healthy = False
+                if time.monotonic() - started + delay > budget:
+                    log.error("inference log: dropped %d records after %.0f s of retries", len(batch),
+                              time.monotonic() - started)
+                    self.dropped += len(batch)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:  # this batch's own fault (a value the store refuses): drop it alone, go on
+                log.exception("inference log: could not write %d records", len(batch))
+                self.dropped += len(batch)
+                return
 
     def close(self, timeout: float = 30.0) -> None:
         """Drain what is queued, then switch to synchronous writes; idempotent."""

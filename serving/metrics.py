@@ -31,17 +31,20 @@ class Metrics:
         self.reloads = Counter("driftloop_model_reloads", "champion swaps without restart", registry=registry)
         self._registry = registry
 
-    def watch_log(self, depth: Callable[[], int], dropped: Callable[[], int]) -> None:
-        """Expose the inference log's queue depth and drops (read at scrape time)."""
-        self._registry.register(_LogCollector(depth, dropped))
+    def watch_log(self, depth: Callable[[], int], dropped: Callable[[], int],
+                  healthy: Callable[[], bool] = lambda: True) -> None:
+        """Expose the inference log's queue depth, drops and health (read at scrape time)."""
+        self._registry.register(_LogCollector(depth, dropped, healthy))
 
 
 class _LogCollector(Collector):
-    def __init__(self, depth: Callable[[], int], dropped: Callable[[], int]) -> None:
-        self._depth, self._dropped = depth, dropped
+    def __init__(self, depth: Callable[[], int], dropped: Callable[[], int], healthy: Callable[[], bool]) -> None:
+        self._depth, self._dropped, self._healthy = depth, dropped, healthy
 
     def collect(self) -> Iterator:
         yield GaugeMetricFamily("driftloop_inference_log_queue_depth", "records waiting to be written",
                                 value=self._depth())
         yield CounterMetricFamily("driftloop_inference_log_dropped", "records dropped (queue full or sink error)",
                                   value=self._dropped())
+        yield GaugeMetricFamily("driftloop_inference_log_healthy", "1 when the last write succeeded, 0 while the "
+                                "store is away and batches are retried", value=float(self._healthy()))

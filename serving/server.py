@@ -53,7 +53,7 @@ def build(settings: Settings, options: ServeOptions):
     wait_for_champion(client, settings.model_name, options.wait_for_champion_s)
     metrics = Metrics()
     inference_log = InferenceLog(sink_for(settings), max_queue=options.log_queue).start()
-    metrics.watch_log(inference_log.depth, lambda: inference_log.dropped)
+    metrics.watch_log(inference_log.depth, lambda: inference_log.dropped, lambda: inference_log.healthy)
     try:
         store = features_step.feature_store(settings)
         online = OnlineFeatures.for_service(store, features_step.service(settings, store),

@@ -264,7 +264,7 @@ def test_kind_small_fits_a_two_cpu_node_with_every_pod_running_at_once():
     assert total["memory"] <= SMALL_NODE_BUDGET["memory"], f"{total['memory'] / 2**30:.2f} GiB requested"
     bootstrap = find(docs, "Job", "driftloop-bootstrap")["spec"]["template"]["spec"]
     steps = {c["name"]: c["args"] for c in bootstrap["initContainers"] + bootstrap["containers"]}
-    assert "--rows=20000" in steps["generate"] and "--n-estimators=100" in steps["train"]
+    assert "--rows=50000" in steps["generate"] and "--n-estimators=300" in steps["train"], "the demo's world"
     for name in ("driftloop-monitor", "driftloop-materialize"):
         spec = next(s for _, s in pod_specs([find(docs, "CronJob", name)]))
         requests = main_container(spec)["resources"]["requests"]

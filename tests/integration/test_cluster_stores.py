@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -225,3 +226,23 @@ def test_the_cluster_loop_through_the_cli(postgres_dsn, redis_url, mlflow_url, m
     check = json.loads(done.stdout)
     assert check["rows"] == 1 + len(instances) and check["model_version"] == champion.version
     assert check["verdict"] in {"drift", "no_drift"}  # enough rows for a verdict, whichever it is
+
+
+def test_inference_log_reconnects_when_postgres_drops_its_connection(postgres_dsn):
+    """A PostgreSQL restart breaks the writer's connection: it reconnects and retries, losing nothing."""
+    log = InferenceLog(PostgresSink(postgres_dsn)).start()
+    for i in range(300):
+        log.record([record(i)])
+    deadline = time.monotonic() + 30
+    while log.written < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                               "WHERE pid <> pg_backend_pid() AND datname = current_database()").fetchone()[0]
+    assert killed >= 1
+    for i in range(300, 600):
+        log.record([record(i)])
+    log.close()
+    assert (log.dropped, log.healthy) == (0, True)
+    with psycopg.connect(postgres_dsn) as db:
+        assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 600

@@ -53,30 +53,23 @@ def test_nan_auc_is_never_promoted():
     assert not promoted
 
 
+def sliced(auc: float, atm: float, positives: int, negatives: int) -> Metrics:
+    return Metrics(auc=auc, average_precision=0.3, logloss=0.2, brier=0.05, rows=positives + negatives,
+                   slices={"atm": atm}, slice_counts={"atm": [positives, negatives]})
+
+
 def test_a_slice_drop_within_chance_on_few_positives_does_not_block():
-    # 10 frauds in the slice: its AUC moves by about 0.09 by chance alone (Hanley and McNeil)
-    candidate = Metrics(auc=0.86, average_precision=0.3, logloss=0.2, brier=0.05, rows=4000,
-                        slices={"atm": 0.85}, slice_counts={"atm": [10, 400]})
-    champion = Metrics(auc=0.83, average_precision=0.3, logloss=0.2, brier=0.05, rows=4000,
-                       slices={"atm": 0.947}, slice_counts={"atm": [10, 400]})
-    promoted, failed, _ = decide(candidate, champion, POLICY)
+    # 10 frauds in the slice: its AUC moves by about 0.18 by chance alone (Hanley and McNeil)
+    promoted, failed, _ = decide(sliced(0.86, 0.85, 10, 400), sliced(0.83, 0.947, 10, 400), POLICY)
     assert promoted and not failed
 
 
 def test_the_same_slice_drop_on_many_positives_blocks_and_says_why():
-    candidate = Metrics(auc=0.86, average_precision=0.3, logloss=0.2, brier=0.05, rows=40000,
-                        slices={"atm": 0.85}, slice_counts={"atm": [2000, 8000]})
-    champion = Metrics(auc=0.83, average_precision=0.3, logloss=0.2, brier=0.05, rows=40000,
-                       slices={"atm": 0.947}, slice_counts={"atm": [2000, 8000]})
-    promoted, failed, reason = decide(candidate, champion, POLICY)
+    promoted, failed, reason = decide(sliced(0.86, 0.85, 2000, 8000), sliced(0.83, 0.947, 2000, 8000), POLICY)
     assert not promoted and failed == [reason]
     assert reason == "slice atm regresses: AUC 0.8500 vs the champion's 0.9470 (tolerance 0.0300)"
 
 
 def test_a_small_slice_regression_beyond_chance_still_blocks():
-    candidate = Metrics(auc=0.86, average_precision=0.3, logloss=0.2, brier=0.05, rows=4000,
-                        slices={"atm": 0.55}, slice_counts={"atm": [10, 400]})
-    champion = Metrics(auc=0.83, average_precision=0.3, logloss=0.2, brier=0.05, rows=4000,
-                       slices={"atm": 0.95}, slice_counts={"atm": [10, 400]})
-    promoted, _, reason = decide(candidate, champion, POLICY)
+    promoted, _, reason = decide(sliced(0.86, 0.55, 10, 400), sliced(0.83, 0.95, 10, 400), POLICY)
     assert not promoted and "chance at 10 positives" in reason

@@ -3,6 +3,7 @@
 import asyncio
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -174,3 +175,30 @@ def test_without_a_wait_a_missing_champion_fails_at_once():
     with pytest.raises(MlflowException, match="not found"):
         wait_for_champion(registry, "m", timeout_s=0)
     assert registry.calls == 1
+
+
+def test_a_batch_the_log_refuses_is_dropped_alone_and_later_writes_go_on(tmp_path):
+    """A value SQLite cannot store (2^64 - 1) fails its own batch only: the connection is not left inside a
+    failed transaction, and every later record is written."""
+    log = InferenceLog(SqliteSink(tmp_path / "log.db"))
+    log._write([(*record(1)[:5], 2**64 - 1, *record(1)[6:])])
+    for i in range(100):
+        log._write([record(i)])
+    assert (log.dropped, log.written, log.healthy) == (1, 100, True)
+    with sqlite3.connect(tmp_path / "log.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 100
+
+
+def test_a_lock_held_on_the_log_file_delays_writes_but_loses_none(tmp_path):
+    path = tmp_path / "log.db"
+    log = InferenceLog(SqliteSink(path), retry_s=60).start()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the file: longer than SQLite's 5 s busy wait
+    for i in range(300):
+        log.record([record(i)])
+    time.sleep(6.5)
+    assert log.healthy is False and log.dropped == 0
+    holder.execute("COMMIT")
+    holder.close()
+    log.close()
+    assert (log.dropped, log.written, log.healthy) == (0, 300, True)
