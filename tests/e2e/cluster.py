@@ -550,10 +550,13 @@ def kill_postgres() -> str:
                 metrics["dropped"] = float(line.split()[-1])
     rows = until("the log catches up", lambda: psql_count(label, result["answered"] - int(metrics.get("dropped", 0))),
                  180, every=5)
+    writer = [line[-160:] for line in kubectl("logs", f"deployment/{MODEL}-predictor", "-c", "kserve-container",
+                                              "--tail=2000", check=False).splitlines() if "inference log" in line]
     # the predictor writes the log off the request path: PostgreSQL's restart must not fail requests
     assert result["failed"] <= result["sent"] // 1000, result
     return (f"{result['answered']} answered, {result['failed']} failed {result['errors'] or ''} while PostgreSQL "
-            f"restarted; {rows} rows logged, {int(metrics.get('dropped', 0))} dropped (counted)")
+            f"restarted; {rows} rows logged, {int(metrics.get('dropped', 0))} dropped (counted)\n"
+            + "\n".join(writer[-6:]))
 
 
 def psql_count(label: str, want: int) -> int | None:
@@ -562,21 +565,27 @@ def psql_count(label: str, want: int) -> int | None:
 
 
 PROBE = """
-import json, socket, sys
-result = {}
-for target in sys.argv[1:]:
+import json, socket, sys, time
+def probe(target):
     host, port = target.rsplit(":", 1)
     try:
         socket.create_connection((host, int(port)), timeout=4).close()
-        result[target] = "open"
+        return "open"
     except OSError as error:
-        result[target] = type(error).__name__
-print(json.dumps(result))
+        return type(error).__name__
+# A new pod's address reaches the policy engine's sets a moment after it starts: first wait (up to 60 s)
+# until the targets this pod must reach answer, then probe every target.
+must = [t[1:] for t in sys.argv[1:] if t.startswith("+")]
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not all(probe(t) == "open" for t in must):
+    time.sleep(1)
+print(json.dumps({t.lstrip("+"): probe(t.lstrip("+")) for t in sys.argv[1:]}))
 """
 
 
 def reach(name: str, labels: dict[str, str], targets: list[str]) -> dict[str, str]:
-    """From a new pod with these labels, which of host:port targets accept a TCP connection."""
+    """From a new pod with these labels, which of host:port targets accept a TCP connection (a `+` before a
+    target: the pod waits until it answers before probing them all)."""
     start_pod(name, labels, PROBE, targets, {"cpu": "200m", "memory": "256Mi"})
     return pod_output(name, 120)
 
@@ -585,8 +594,8 @@ def reach(name: str, labels: dict[str, str], targets: list[str]) -> dict[str, st
 def network_policy() -> str:
     stores = ["driftloop-postgres:5432", "driftloop-redis:6379", "driftloop-mlflow:5000", "driftloop-prefect:4200"]
     open_to_all = [f"{MODEL}-predictor:80", "driftloop-evidently:8000"]
-    stranger = reach("e2e-stranger", {"e2e": "stranger"}, stores + open_to_all)
-    member = reach("e2e-member", {"app.kubernetes.io/part-of": "driftloop"}, stores)
+    stranger = reach("e2e-stranger", {"e2e": "stranger"}, stores + [f"+{t}" for t in open_to_all])
+    member = reach("e2e-member", {"app.kubernetes.io/part-of": "driftloop"}, [f"+{t}" for t in stores])
     blocked = [t for t in stores if stranger[t] != "open"]
     assert blocked == stores, f"a pod without the platform's labels reached: {stranger}"
     assert all(stranger[t] == "open" for t in open_to_all), f"namespace clients must reach the UIs: {stranger}"
