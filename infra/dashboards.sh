@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Port-forwards the four UIs to fixed local ports and prints their URLs; runs until Ctrl-C.
+# Port-forwards the UIs to fixed local ports and prints their URLs; runs until Ctrl-C.
 #   Evidently  svc/driftloop-evidently  (NAMESPACE)  http://127.0.0.1:8000
 #   MLflow     svc/driftloop-mlflow     (NAMESPACE)  http://127.0.0.1:5000
-#   Prefect    svc/prefect-server       (prefect)    http://127.0.0.1:4200
-#   KFP        svc/ml-pipeline-ui       (kubeflow)   http://127.0.0.1:8080
+#   Prefect    svc/driftloop-prefect    (NAMESPACE)  http://127.0.0.1:4200
+#   KFP        svc/ml-pipeline-ui       (kubeflow)   http://127.0.0.1:8080   where installed
 #
 # Usage: infra/dashboards.sh   (NAMESPACE, default kubeflow)
 set -euo pipefail

@@ -8,9 +8,8 @@ source "$INFRA_DIR/versions.env"
 
 CLUSTER_NAME=driftloop
 DRIFTLOOP=$REPO_ROOT/.venv/bin/driftloop
-# The project image as infra/deploy.sh tags it: [REGISTRY/]driftloop:<the version in pyproject.toml>
+# The project image: [REGISTRY/]driftloop:<the version in pyproject.toml>-<content hash> (infra/deploy.sh)
 IMAGE_VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/pyproject.toml" | head -n 1)
-IMAGE_TAG=$IMAGE_VERSION
 IMAGE_REPOSITORY=driftloop
 [[ -z ${REGISTRY:-} ]] || IMAGE_REPOSITORY=${REGISTRY%/}/driftloop
 PF_PIDS=()

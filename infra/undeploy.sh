@@ -24,7 +24,7 @@ case $CLUSTER in
   current)
     step "uninstalling the Helm release driftloop from $NAMESPACE (context $(kubectl config current-context))"
     helm uninstall driftloop -n "$NAMESPACE" --ignore-not-found --wait
-    note "kept: cert-manager, KServe, Kubeflow Pipelines and Prefect (helm list -A), and the release's"
+    note "kept: cert-manager, KServe and Kubeflow Pipelines (helm list -A), and the release's"
     note "volumes: kubectl get pvc -n $NAMESPACE -l app.kubernetes.io/instance=driftloop"
     ;;
   *) die "CLUSTER is kind or current, not '$CLUSTER'" ;;

@@ -92,11 +92,21 @@ class PostgresSink:
         return db
 
     def write(self, records: Sequence[Record]) -> None:
+        import psycopg
+
         with self._lock:
             if self._db.closed or self._db.broken:  # the server restarted or the network dropped: reconnect
                 self._db = self._connect()
-            with self._db.transaction(), self._db.cursor() as cursor:
-                cursor.executemany(self._insert, records)
+            try:
+                with self._db.transaction(), self._db.cursor() as cursor:
+                    cursor.executemany(self._insert, records)
+            except (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError):
+                raise  # the batch's own fault: the connection is fine
+            except Exception as error:
+                # Whatever state a failure mid-restart leaves the connection in (a real cluster showed states
+                # psycopg does not mark broken), the next write starts on a fresh one, and this one is retried.
+                self._db.close()
+                raise psycopg.OperationalError(f"writing to PostgreSQL failed: {error!r}") from error
 
     def close(self) -> None:
         with self._lock:

@@ -230,6 +230,7 @@ def test_the_cluster_loop_through_the_cli(postgres_dsn, redis_url, mlflow_url, m
 
 def test_inference_log_reconnects_when_postgres_drops_its_connection(postgres_dsn):
     """A PostgreSQL restart breaks the writer's connection: it reconnects and retries, losing nothing."""
+    postgres_dsn = create_database(postgres_dsn, "reconnect")  # its own table: the module shares the server
     log = InferenceLog(PostgresSink(postgres_dsn)).start()
     for i in range(300):
         log.record([record(i)])
