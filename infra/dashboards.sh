@@ -17,7 +17,7 @@ step "port-forwarding the dashboards"
 port_forward "$NAMESPACE" svc/driftloop-evidently 8000 8000
 port_forward "$NAMESPACE" svc/driftloop-mlflow 5000 5000
 # 4200 on purpose: the Prefect UI in the browser calls its API at http://localhost:4200/api, the
-# prefect-server chart's default.
+# chart's default (prefect.server.uiApiUrl).
 port_forward "$NAMESPACE" svc/driftloop-prefect 4200 4200
 kfp=0
 if kubectl get svc/ml-pipeline-ui -n kubeflow >/dev/null 2>&1; then
