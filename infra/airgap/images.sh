@@ -132,7 +132,6 @@ else
   "$(bin kind kind)" build node-image --type file "$AIRGAP_CACHE/k8s-tarball/kubernetes-server-linux-amd64.tar.gz" \
     --base-image "$R/kind-base:$KIND_VERSION" --image "$node.tmp" >"$AIRGAP_CACHE/node-image.log" 2>&1 ||
     { tail -n 30 "$AIRGAP_CACHE/node-image.log" >&2; die "kind build node-image failed"; }
-  grep -q 'Detected built images' "$AIRGAP_CACHE/node-image.log" || true
   printf 'FROM %s\nLABEL driftloop.airgap.hash=%s\n' "$node.tmp" "$node_hash" | docker build -q -t "$node" - >/dev/null
   docker rmi "$node.tmp" >/dev/null
   rm -rf "$AIRGAP_CACHE/k8s-tarball"

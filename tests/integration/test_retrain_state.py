@@ -67,6 +67,15 @@ def statuses(state: RetrainState) -> list[str]:
     return [r[3] for r in state.retrainings()]
 
 
+
+def two_signals(where):
+    """A fresh state on a fake clock with a signal in two windows: enough, under POLICY, to retrain."""
+    clock = Clock()
+    state = open_state(where, clock)
+    for w in ("w1", "w2"):
+        state.record_window(w, True)
+    return clock, state
+
 def test_k_of_n_windows(where):
     state = open_state(where, Clock())
     state.record_window("w1", True)
@@ -81,10 +90,7 @@ def test_k_of_n_windows(where):
 
 
 def test_cooldown_and_single_flight(where):
-    clock = Clock()
-    state = open_state(where, clock)
-    for w in ("w1", "w2"):
-        state.record_window(w, True)
+    clock, state = two_signals(where)
     first = state.claim(POLICY)
     assert first.start
     state.record_window("w3", True)  # new windows, new key: but one is already running
@@ -99,10 +105,7 @@ def test_cooldown_and_single_flight(where):
 
 
 def test_the_same_windows_never_retrain_twice(where):
-    clock = Clock()
-    state = open_state(where, clock)
-    for w in ("w1", "w2"):
-        state.record_window(w, True)
+    clock, state = two_signals(where)
     runs = []
     assert maybe_retrain(state, POLICY, lambda: runs.append(1) or "v2").start
     clock.now += 10_000
@@ -113,10 +116,7 @@ def test_the_same_windows_never_retrain_twice(where):
 
 
 def test_a_failed_retraining_is_recorded_and_uses_up_its_windows(where):
-    clock = Clock()
-    state = open_state(where, clock)
-    for w in ("w1", "w2"):
-        state.record_window(w, True)
+    clock, state = two_signals(where)
 
     def boom():
         raise RuntimeError("the flow run crashed")
@@ -129,10 +129,7 @@ def test_a_failed_retraining_is_recorded_and_uses_up_its_windows(where):
 
 
 def test_an_expired_claim_is_taken_over_and_its_windows_retried(where):
-    clock = Clock()
-    state = open_state(where, clock)
-    for w in ("w1", "w2"):
-        state.record_window(w, True)
+    clock, state = two_signals(where)
     killed = state.claim(POLICY)  # its worker dies: nothing renews or finishes it
     assert killed.start
     clock.now += 59
@@ -146,10 +143,7 @@ def test_an_expired_claim_is_taken_over_and_its_windows_retried(where):
 
 
 def test_an_interrupted_retraining_frees_the_claim_and_is_retried_at_once(where):
-    clock = Clock()
-    state = open_state(where, clock)
-    for w in ("w1", "w2"):
-        state.record_window(w, True)
+    clock, state = two_signals(where)
 
     def stopped():
         raise KeyboardInterrupt
