@@ -4,7 +4,8 @@ SHELL := bash
 .DEFAULT_GOAL := help
 MAKEFLAGS += --no-builtin-rules --warn-undefined-variables
 
-PYTHON ?= python3
+# The Python uv finds on this machine, or fetches where none is (pyproject.toml allows 3.11 only)
+PYTHON ?= 3.11
 UV_VERSION := 0.13.8
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
@@ -33,7 +34,7 @@ system-deps: ## Chromium, redis-server and PostgreSQL for the tests (installed w
 
 ##@ Development
 $(UV):
-	$(PYTHON) -m venv $(TOOLS)
+	python3 -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 .PHONY: install
@@ -153,6 +154,7 @@ dashboards: ## Port-forward the Evidently, MLflow, Prefect and KFP UIs and print
 
 .PHONY: e2e
 e2e: install ## The cluster end to end on this machine (AIRGAP=1, 2-CPU values): deploy, loop, faults, undeploy
+	tests/system-deps.sh e2e
 	AIRGAP=$(E2E_AIRGAP) $(VENV)/bin/python tests/e2e/cluster.py
 
 .PHONY: undeploy

@@ -34,11 +34,21 @@ if [[ $AIRGAP == 1 ]]; then
   certs=$(mktemp -d)
   trap 'rm -rf "$certs"' EXIT
   service=kserve-webhook-server-service.kserve.svc
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kserve-webhook-ca" \
-    -keyout "$certs/ca.key" -out "$certs/ca.crt" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=$service" -keyout "$certs/tls.key" -out "$certs/tls.csr" 2>/dev/null
-  openssl x509 -req -in "$certs/tls.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial -days 3650 \
-    -extfile <(printf 'subjectAltName=DNS:%s,DNS:%s.cluster.local' "$service" "$service") -out "$certs/tls.crt" 2>/dev/null
+  # A re-deploy keeps the certificate the webhook already serves: a new CA in the webhook configuration
+  # before the controller has remounted the new Secret fails every InferenceService call for a minute.
+  if kubectl get secret kserve-webhook-server-cert -n kserve >/dev/null 2>&1; then
+    for key in ca.crt tls.crt tls.key; do
+      kubectl get secret kserve-webhook-server-cert -n kserve -o "jsonpath={.data.${key//./\\.}}" |
+        base64 -d >"$certs/$key"
+    done
+  fi
+  [[ -s $certs/tls.key ]] || {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kserve-webhook-ca" \
+      -keyout "$certs/ca.key" -out "$certs/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$service" -keyout "$certs/tls.key" -out "$certs/tls.csr" 2>/dev/null
+    openssl x509 -req -in "$certs/tls.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial -days 3650 \
+      -extfile <(printf 'subjectAltName=DNS:%s,DNS:%s.cluster.local' "$service" "$service") -out "$certs/tls.crt" 2>/dev/null
+  }
   KSERVE_CERT_DIR=$certs KSERVE_IMAGE=driftloop-airgap/kserve-controller:$KSERVE_VERSION \
     helm upgrade --install kserve "$charts/kserve-resources" -n kserve \
     --post-renderer "$INFRA_DIR/airgap/kserve-post-render" \

@@ -41,10 +41,16 @@ VALUES=${VALUES:-$default_values}
 [[ -x $DRIFTLOOP ]] || die "no $DRIFTLOOP: run \`make install\` first (the smoke test uses the host's CLI)"
 [[ $AIRGAP == 0 || $CLUSTER == kind ]] || die "AIRGAP=1 makes a local kind cluster; with CLUSTER=current push images to your registry"
 
-# A tag per content: a code change gets a new tag, so the pods roll to it (IfNotPresent never re-pulls)
-IMAGE_TAG=$IMAGE_VERSION-$(cd "$REPO_ROOT" && find pyproject.toml uv.lock README.md driftloop pipelines serving \
-  monitoring feature_repo infra/Dockerfile infra/Dockerfile.dockerignore -type f ! -name '*.pyc' -print0 |
-  LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+# A tag per content: a code change gets a new tag, so the pods roll to it (IfNotPresent never re-pulls).
+# The image is built from a snapshot of the files it copies, taken now and hashed for the tag: an edit
+# made while the build runs cannot slip into an image under the tag of the code before it.
+snapshot=$(mktemp -d)
+trap 'rm -rf "$snapshot"' EXIT
+(cd "$REPO_ROOT" && find pyproject.toml uv.lock README.md driftloop pipelines serving monitoring feature_repo \
+  infra/Dockerfile infra/Dockerfile.dockerignore -type f ! -name '*.pyc' -print0 |
+  tar --null -T - -cf - | tar -xf - -C "$snapshot")
+IMAGE_TAG=$IMAGE_VERSION-$(cd "$snapshot" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum |
+  sha256sum | cut -c1-12)
 variant=cpu
 [[ $GPU == 0 ]] || { variant=gpu; IMAGE_TAG=$IMAGE_TAG-gpu; }
 image=$IMAGE_REPOSITORY:$IMAGE_TAG
@@ -102,7 +108,7 @@ step "[3/8] image $image"
 if docker image inspect "$image" >/dev/null 2>&1; then
   note "$image exists (same code): not rebuilt"
 else
-  docker build -f infra/Dockerfile "${build_args[@]}" -t "$image" .
+  docker build -f "$snapshot/infra/Dockerfile" "${build_args[@]}" -t "$image" "$snapshot"
 fi
 if [[ $AIRGAP == 1 ]]; then
   # The air-gapped engine keeps images in its own store: kind loads them directly (and skips an
@@ -112,8 +118,7 @@ if [[ $AIRGAP == 1 ]]; then
 elif [[ $CLUSTER == kind ]]; then
   # Saved for this platform only, then loaded: `kind load docker-image` fails on Docker's containerd
   # image store ("content digest not found"), kind's documented workaround.
-  archive=$(mktemp)
-  trap 'rm -f "$archive"' EXIT
+  archive=$snapshot/image.tar
   platform=linux/$(docker info --format '{{.Architecture}}' | sed 's/x86_64/amd64/;s/aarch64/arm64/')
   docker image save --platform "$platform" -o "$archive" "$image"
   kind load image-archive "$archive" --name "$CLUSTER_NAME"

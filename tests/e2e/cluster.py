@@ -285,6 +285,35 @@ def settled() -> str:
             + (f"\nsystem pods restarted at boot: {others}" if others else ""))
 
 
+CODE_HASH = """
+import hashlib, importlib.util, pathlib, sys
+total = hashlib.sha256()
+for package in sys.argv[1:]:
+    root = pathlib.Path(importlib.util.find_spec(package).origin).parent
+    for path in sorted(root.rglob("*.py")):
+        total.update(f"{package}/{path.relative_to(root).as_posix()}".encode() + b"\\0" + path.read_bytes())
+print(total.hexdigest())
+"""
+PACKAGES = ("driftloop", "pipelines", "serving", "monitoring")
+
+
+@step("the pods run this tree's code")
+def same_code() -> str:
+    """The image's installed packages, file by file, against the working tree: a build cache that kept an
+    old wheel of the project (it happened: uv keys a local project's wheel on pyproject.toml) shows here."""
+    here = subprocess.run([sys.executable, "-c", CODE_HASH, *PACKAGES], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    pods_checked = []
+    for pod in predictor_pods() + pods("app.kubernetes.io/component=retrainer"):
+        name = pod["metadata"]["name"]
+        there = kubectl("exec", name, "-c", pod["spec"]["containers"][0]["name"], "--", "python", "-c", CODE_HASH,
+                        *PACKAGES).strip()
+        assert there == here, f"{name} runs other code than this tree ({there[:12]} != {here[:12]}): rebuild the image"
+        pods_checked.append(name)
+    assert pods_checked, "no predictor or retrainer pod to check"
+    return f"{len(pods_checked)} pods: {', '.join(PACKAGES)} match the tree file by file ({here[:12]})"
+
+
 @step("kubelet enforces non-root, read-only root, resources, probes")
 def enforced() -> str:
     checked = 0
@@ -550,13 +579,18 @@ def kill_postgres() -> str:
                 metrics["dropped"] = float(line.split()[-1])
     rows = until("the log catches up", lambda: psql_count(label, result["answered"] - int(metrics.get("dropped", 0))),
                  180, every=5)
-    writer = [line[-160:] for line in kubectl("logs", f"deployment/{MODEL}-predictor", "-c", "kserve-container",
-                                              "--tail=2000", check=False).splitlines() if "inference log" in line]
+    logs = kubectl("logs", f"deployment/{MODEL}-predictor", "-c", "kserve-container", "--tail=3000",
+                   check=False).splitlines()
+    # the writer's own lines, and the last line of each traceback (the exception that made it drop a batch)
+    writer = [line[-200:] for i, line in enumerate(logs) if "inference log" in line or (
+        re.match(r"^[\w.]+(Error|Exception|Warning)\b", line) and i > 0 and logs[i - 1].startswith(" "))]
     # the predictor writes the log off the request path: PostgreSQL's restart must not fail requests
     assert result["failed"] <= result["sent"] // 1000, result
+    # the writer retries while the store is away (up to retry_s, far longer than a restart): nothing lost
+    assert int(metrics.get("dropped", 0)) == 0, f"{int(metrics['dropped'])} records dropped: " + "\n".join(writer[-8:])
     return (f"{result['answered']} answered, {result['failed']} failed {result['errors'] or ''} while PostgreSQL "
             f"restarted; {rows} rows logged, {int(metrics.get('dropped', 0))} dropped (counted)\n"
-            + "\n".join(writer[-6:]))
+            + "\n".join(dict.fromkeys(writer[-40:])))
 
 
 def psql_count(label: str, want: int) -> int | None:
