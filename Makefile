@@ -72,7 +72,7 @@ lint: install ## Ruff over the code and tests
 	$(VENV)/bin/ruff check driftloop pipelines serving monitoring feature_repo tests infra
 
 .PHONY: ui
-ui: install ## MLflow UI on the local store (runs, registered model, aliases)
+ui: install ## The MLflow (:5000), Evidently (:8000) and Prefect (:4200) UIs on the local stores
 	$(DRIFTLOOP) ui
 
 .PHONY: pipeline
@@ -84,8 +84,12 @@ pipeline: install ## Compile the KFP v2 pipeline to pipeline.yaml
 bench-train: install ## Wall time of `driftloop train`, local engine vs Prefect flow, same run, as a ratio
 	$(VENV)/bin/python -m pipelines.bench
 
+.PHONY: bench-cli
+bench-cli: install ## CPU time of each everyday command next to `python -c pass` and `mlflow --version`, same run
+	$(VENV)/bin/python -m driftloop.bench
+
 .PHONY: bench-drift
-bench-drift: install ## Drift check vs Evidently DataDriftPreset, 100k and 1M rows x 20 columns: times, ratio, agreement
+bench-drift: install ## Drift check vs Evidently DataDriftPreset (100k and 1M rows x 20 columns: times, ratio, agreement) and robustness to extreme rows
 	$(VENV)/bin/python -m monitoring.bench
 
 # MLServer 1.7 needs a FastAPI older than Prefect accepts: it gets a venv of its own, with the

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,10 +22,11 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from driftloop.settings import Settings, SettingsError, load_settings
-from monitoring.cli import drift_app
+from driftloop.settings import Settings, SettingsError, load_settings, redact, redact_logs
+from monitoring.cli import CatThreshold, ClipQuantile, DriftShare, Kinds, MinRows, NumThreshold, drift_app, drift_policy
 
 app = typer.Typer(help="driftloop: the whole production ML loop.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -48,8 +50,21 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One ``error:`` line, its passwords masked (an error may quote a connection string), then exit."""
+    err.print(f"[bold red]error:[/] {escape(_masked(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _secrets() -> Settings | None:
+    """This environment's settings, for the passwords to mask; None where they do not load."""
+    try:
+        return load_settings()
+    except SettingsError:
+        return None
+
+
+def _masked(text: str) -> str:
+    return redact(text, _secrets())
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -100,8 +115,9 @@ def table(title: str, rows: dict[str, Any]) -> Table:
     t = Table(title=title, show_header=False, title_justify="left", title_style="bold")
     t.add_column(style="cyan", no_wrap=True)
     t.add_column(overflow="fold")
+    settings = _secrets()
     for k, v in rows.items():
-        t.add_row(k, str(v))
+        t.add_row(k, redact(str(v), settings))
     return t
 
 
@@ -255,7 +271,7 @@ def _run_engine(engine: Engine, settings: Settings, config: Any) -> dict[str, An
         from pipelines.prefect_flow import run_prefect
 
         _progress("prefect", "starting the flow (a local ephemeral server unless PREFECT_API_URL is set)")
-        return asdict(run_prefect(settings, config))
+        return asdict(run_prefect(config))  # the flow builds the same settings from this environment
     from pipelines.kfp_pipeline import run_kfp_local
 
     _progress("kfp", "running the pipeline with kfp.local (one subprocess per component)")
@@ -344,23 +360,35 @@ def labels_ingest(
     }))
 
 
-def _monitor_policy(window_rows: int, k: int, n: int, cooldown: float):
+def _monitor_policy(window_rows: int, k: int, n: int, cooldown: float, drift=None):
+    """``drift`` None: the settings' drift policy, the one `driftloop drift compare` uses."""
     from monitoring.monitor import MonitorPolicy
     from monitoring.retrain import TriggerPolicy
 
-    return MonitorPolicy(window_rows=window_rows, trigger=TriggerPolicy(k=k, n=n, cooldown_s=cooldown))
+    return MonitorPolicy(window_rows=window_rows, drift=drift, trigger=TriggerPolicy(k=k, n=n, cooldown_s=cooldown))
 
 
 def _print_check(result, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result.as_dict(), default=str))
         return
+    if result.verdict == "waiting":  # a new champion: its own window is not full yet, nothing is judged
+        out.print(table("drift check", {"window": f"[yellow]{result.status}[/]", "signal": "none"}))
+        return
     verdict = {"drift": "[red]drift[/]", "no_drift": "[green]no drift[/]"}.get(result.verdict, result.verdict)
-    rows = {"window": f"{result.rows:,} predictions of v{result.model_version}",
+    quality = "; ".join(f"{c}: {', '.join(i)}" for c, i in result.quality_issues.items()) or "ok"
+    if result.implausible_rows:
+        quality = f"{result.implausible_rows:,} row(s) with implausible values; {quality}"
+    served = "too few labels yet"
+    if result.served_auc is not None:  # this version's labelled rows, against this version's holdout AUC
+        served = f"{result.served_auc:.4f} on {result.labelled_rows:,} labelled rows of v{result.model_version}"
+        if result.champion_auc is not None:
+            served += f" (holdout {result.champion_auc:.4f})"
+    rows = {"window": result.status,
             "drift": f"{verdict} (share {result.drift_share:.0%}"
                      + (f": {', '.join(result.drifted_columns)})" if result.drifted_columns else ")"),
-            "data quality": "; ".join(f"{c}: {', '.join(i)}" for c, i in result.quality_issues.items()) or "ok",
-            "served AUC": f"{result.served_auc:.4f}" if result.served_auc is not None else "too few labels yet",
+            "data quality": quality,
+            "served AUC": served,
             "signal": "; ".join(result.reasons) or "none"}
     if result.retraining is not None:
         rows["retraining"] = ("started: " if result.retraining.start else "skipped: ") + result.retraining.reason
@@ -369,22 +397,30 @@ def _print_check(result, as_json: bool) -> None:
 
 @monitor_app.command("check")
 def monitor_check(
-    window_rows: Annotated[int, typer.Option(min=1, help="latest N predictions")] = 2_000,
+    window_rows: Annotated[int, typer.Option(min=1, help="the champion's latest N predictions")] = 2_000,
     retrain: Annotated[bool, typer.Option(help="retrain when the guardrails allow")] = False,
     k: Annotated[int, typer.Option(help="signals needed ...")] = 2,
     n: Annotated[int, typer.Option(help="... among the last n windows")] = 3,
     cooldown: Annotated[float, typer.Option(help="seconds between retrainings")] = 3_600.0,
+    drift_share: DriftShare = None,
+    num_threshold: NumThreshold = None,
+    cat_threshold: CatThreshold = None,
+    min_rows: MinRows = None,
+    clip_quantile: ClipQuantile = None,
+    kind: Kinds = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """One drift and performance check on the latest window of the inference log."""
+    """One drift and performance check on the champion's latest window of the inference log (the same
+    drift policy as `driftloop drift compare`); a new champion's window fills before anything is judged."""
     from monitoring.monitor import check, retrain_for
     from pipelines.steps import tracking
 
     quiet_libraries()
     settings = settings_or_fail()
+    drift = drift_policy(settings, drift_share, num_threshold, cat_threshold, min_rows, clip_quantile, kind)
     with user_errors():
         client = tracking.configure(settings)
-        result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown),
+        result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown, drift),
                        retrain_for(settings) if retrain else None)
     _print_check(result, as_json)
 
@@ -398,6 +434,7 @@ def monitor_run(
     n: Annotated[int, typer.Option()] = 3,
     cooldown: Annotated[float, typer.Option()] = 3_600.0,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[str, typer.Option(help="address of the metrics port; 0.0.0.0 in a pod")] = "127.0.0.1",
     webhook: Annotated[str | None, typer.Option(help="POST every signal and retraining decision here")] = None,
 ) -> None:
     """Check on a schedule; retrain (Prefect flow, then the gate) when the policy says so."""
@@ -412,7 +449,7 @@ def monitor_run(
         client = tracking.configure(settings)
         metrics = MonitorMetrics()
         if metrics_port is not None:
-            start_http_server(metrics_port, addr="0.0.0.0")  # noqa: S104 - scraped from inside the cluster
+            start_http_server(metrics_port, addr=metrics_host)
         run_forever(settings, client, _monitor_policy(window_rows, k, n, cooldown), interval, checks,
                     lambda result: _print_check(result, False), metrics, webhook)
 
@@ -461,7 +498,7 @@ def batch_score(
             os.environ.update(training.prefect_environment(settings))
             from pipelines.prefect_flow import batch_scoring_flow
 
-            summary = batch_scoring_flow(settings, str(input_path), str(output_path))
+            summary = batch_scoring_flow(str(input_path), str(output_path))  # settings: from the environment
         else:
             summary = asdict(score_file(settings, input_path, output_path))
     out.print(table(f"scored {summary['rows']:,} rows in {summary['seconds']:.1f}s", {
@@ -469,28 +506,82 @@ def batch_score(
         "features": "point-in-time (offline store)" if summary["point_in_time"] else "online store (now)"}))
 
 
+def _operator() -> str:
+    """Who runs this command, for the record on the version: user@host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry and no USER
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 @app.command("rollback")
-def rollback_cmd() -> None:
-    """Put the previous champion back (a running server switches at its next check)."""
+def rollback_cmd(
+    version: Annotated[int | None, typer.Argument(min=1, help="the version to put back (default: the one the "
+                                                    "champion replaced)")] = None,
+    reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "",
+) -> None:
+    """Put the previous champion back, or VERSION, with no gate (a running server switches at its next check)."""
     from pipelines.steps import tracking
-    from pipelines.steps.register import rollback
+    from pipelines.steps.register import PromotionLock, rollback
 
     quiet_libraries()
     settings = settings_or_fail()
     with user_errors():
         client = tracking.configure(settings)
-        was, now = rollback(client, settings.model_name)
-    out.print(table("rollback", {"model": settings.model_name, "champion": f"v{was} -> v{now}"}))
+        move = rollback(client, settings.model_name, None if version is None else str(version),
+                        lock=PromotionLock.for_settings(settings), by=_operator(), why=reason)
+    out.print(table("rollback", {"model": settings.model_name, "champion": f"v{move.was} -> v{move.now}",
+                                 "why": move.reason}))
+
+
+@app.command("promote")
+def promote_cmd(
+    version: Annotated[int, typer.Argument(min=1, help="the version to make champion")],
+    force: Annotated[bool, typer.Option("--force", help="skip the gate; needs --reason, recorded on the "
+                                        "version with who and when")] = False,
+    reason: Annotated[str, typer.Option(help="why (required with --force)")] = "",
+    min_auc: Annotated[float, typer.Option(help="gate: absolute AUC floor")] = 0.70,
+    margin: Annotated[float, typer.Option(help="gate: AUC margin over the champion")] = 0.002,
+    slice_tolerance: Annotated[float, typer.Option(help="gate: allowed per-slice AUC drop")] = 0.03,
+) -> None:
+    """Make VERSION the champion if the promotion gate passes it against the current one (or --force)."""
+    from pipelines.steps import tracking
+    from pipelines.steps.register import GatePolicy, PromotionLock, promote
+
+    if force and not reason.strip():
+        fail("--force needs --reason WHY: a forced promotion is recorded on the version with who, when and why")
+    quiet_libraries()
+    settings = settings_or_fail()
+    with user_errors():
+        client = tracking.configure(settings)
+        move = promote(client, settings.model_name, str(version),
+                       GatePolicy(min_auc=min_auc, margin=margin, slice_tolerance=slice_tolerance),
+                       lock=PromotionLock.for_settings(settings), by=_operator(),
+                       force_reason=reason.strip() if force else None)
+    out.print(table("promote", {"model": settings.model_name,
+                                "champion": f"v{move.was} -> v{move.now}" if move.was else f"v{move.now}",
+                                "why": move.reason}))
 
 
 # serving ------------------------------------------------------------------------------------------
 @app.command("serve")
 def serve_cmd(
     port: Annotated[int, typer.Option(help="HTTP port")] = 8080,
+    host: Annotated[str, typer.Option(help="address to listen on; 0.0.0.0 in a container")] = "127.0.0.1",
     reload_interval: Annotated[float, typer.Option(min=0.1, help="seconds between champion checks")] = 10.0,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="larger bodies get 413")] = 1 << 20,
+    max_header_bytes: Annotated[int, typer.Option(min=1024, help="request line + headers; more get 431")] = 16 << 10,
+    request_timeout: Annotated[float, typer.Option(
+        min=0.1, help="seconds for a request's head, then its body (else 408); a silent connection closes")] = 10.0,
+    keep_alive_timeout: Annotated[float, typer.Option(min=0.1, help="seconds an idle connection is kept")] = 65.0,
     max_instances: Annotated[int, typer.Option(min=1, help="rows per request")] = 1_000,
     feature_staleness: Annotated[float, typer.Option(min=0.0, help="seconds an online feature may be cached")] = 5.0,
+    log_queue: Annotated[int, typer.Option(
+        min=1, help="predictions held unwritten at most (more are dropped, counted): a crash loses no more")] = 10_000,
     wait_for_champion: Annotated[float, typer.Option(
         min=0.0, help="seconds to wait for a first champion (a fresh cluster's bootstrap); 0: fail at once")] = 0.0,
 ) -> None:
@@ -499,8 +590,10 @@ def serve_cmd(
 
     quiet_libraries()
     settings = settings_or_fail()
-    options = ServeOptions(port=port, max_body_bytes=max_body_bytes, max_instances=max_instances,
-                           reload_interval_s=reload_interval, feature_max_staleness_s=feature_staleness,
+    options = ServeOptions(port=port, host=host, max_body_bytes=max_body_bytes, max_header_bytes=max_header_bytes,
+                           request_timeout_s=request_timeout, keep_alive_s=keep_alive_timeout,
+                           max_instances=max_instances, reload_interval_s=reload_interval,
+                           feature_max_staleness_s=feature_staleness, log_queue=log_queue,
                            wait_for_champion_s=wait_for_champion)
     with user_errors():
         serve(settings, options)
@@ -552,7 +645,8 @@ def pipeline_serve() -> None:
         fail("set PREFECT_API_URL to the Prefect server's API (e.g. http://prefect-server:4200/api)")
     from pipelines.prefect_flow import RETRAINING_DEPLOYMENT, serve_retraining
 
-    out.print(f"serving deployment {RETRAINING_DEPLOYMENT} on {os.environ['PREFECT_API_URL']}; Ctrl-C stops it")
+    out.print(_masked(f"serving deployment {RETRAINING_DEPLOYMENT} on {os.environ['PREFECT_API_URL']}; Ctrl-C "
+                      "stops it"))
     serve_retraining()
 
 
@@ -582,7 +676,7 @@ def ui_cmd(
         Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     workspace_path(settings).mkdir(parents=True, exist_ok=True)
     uis = {
-        "mlflow": (mlflow_cmd, mlflow_port, {}),
+        "mlflow": (mlflow_cmd, mlflow_port, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),  # as the chart
         "evidently": (ui_command(settings, host, evidently_port), evidently_port, UI_ENV),
         "prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
                     prefect_port, prefect_environment(settings)),
@@ -684,7 +778,14 @@ def wait_for_cmd(
 
 
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
-    return app(args=argv)
+    """The CLI; log records and an unexpected error's traceback have their passwords masked too."""
+    settings = _secrets()
+    redact_logs(settings)
+    try:
+        return app(args=argv)
+    except Exception:  # not a user error: the traceback, for a bug report, printed as Python would, masked
+        sys.stderr.write(redact(traceback.format_exc(), settings))
+        sys.exit(1)
 
 
 

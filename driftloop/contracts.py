@@ -4,6 +4,9 @@ The reference use case is card-fraud scoring: a transaction (request-time featur
 merchant (both entities with time-stamped features in Feast) is fraudulent or not; the label arrives
 late, when the chargeback does. The model sees exactly ``MODEL_FEATURES``, in that order, encoded by
 ``to_model_frame``: the one function both training and serving call.
+
+This module imports only numpy and pandas: every registered model carries this file, and its pyfunc calls
+``to_model_frame`` from that copy (``pipelines/steps/train.py``), so MLflow's servers need no project code.
 """
 
 from __future__ import annotations

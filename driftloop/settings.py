@@ -12,11 +12,16 @@ Two profiles:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +64,23 @@ class Settings(BaseSettings):
     retrain: Literal["local", "deployment"] = Field(
         "local", description="local: the Prefect flow in a child process; deployment: the driftloop-retraining "
         "deployment on the Prefect server at PREFECT_API_URL (`driftloop pipeline serve` runs it)")
+
+    # Drift policy: one for `driftloop monitor` and `driftloop drift compare` (options override it per run)
+    drift_share: float = Field(0.3, gt=0, le=1, description="a window drifts when this share of its features do")
+    drift_num_method: Literal["wasserstein", "psi", "jensenshannon"] = Field(
+        "wasserstein", description="numerical columns: normed Wasserstein distance, PSI or Jensen-Shannon")
+    drift_num_threshold: float = Field(0.1, gt=0, description="a numerical column drifts at this score")
+    drift_cat_method: Literal["jensenshannon", "psi"] = Field("jensenshannon", description="categorical columns")
+    drift_cat_threshold: float = Field(0.1, gt=0, description="a categorical column drifts at this score")
+    drift_min_rows: int = Field(200, ge=1, description="fewer rows (or values in a column): no verdict")
+    drift_clip_quantile: float = Field(
+        0.005, ge=0, lt=0.5, description="numerical tests see both samples clipped to the reference's "
+        "[q, 1-q] quantiles, so a few extreme rows cannot fake drift; 0: Evidently's exact formula")
+    drift_extreme_margin: float = Field(
+        1.0, ge=0, description="values beyond the reference's range by more than this many range widths are "
+        "extreme: counted in data quality")
+    drift_kinds: dict[str, Literal["numerical", "categorical"]] = Field(
+        default_factory=dict, description="column -> kind, over the inference (JSON in the environment)")
 
     @model_validator(mode="after")
     def _cluster_needs_servers(self) -> Settings:
@@ -131,16 +153,16 @@ class Settings(BaseSettings):
         return {
             "profile": self.profile,
             "state_dir": str(self.state),
-            "mlflow_tracking_uri": _redact(self.tracking_uri),
-            "mlflow_artifact_root": self.artifact_root or "(the tracking server's default)",
+            "mlflow_tracking_uri": redact(self.tracking_uri),
+            "mlflow_artifact_root": redact(self.artifact_root or "(the tracking server's default)"),
             "model": f"models:/{self.model_name}@champion",
             "feast_repo": str(self.feast_repo),
             "feast_config": str(self.feature_store_yaml),
             "feature_service": self.feature_service,
             "feast_offline_store": f"file: {feast['DRIFTLOOP_DATA_DIR']}",
             "feast_online_store": ("sqlite: " if self.profile == "local" else "redis: ")
-            + _redact(feast["DRIFTLOOP_FEAST_ONLINE"]),
-            "feast_registry": _redact(feast["DRIFTLOOP_FEAST_REGISTRY"]),
+            + redact(feast["DRIFTLOOP_FEAST_ONLINE"]),
+            "feast_registry": redact(feast["DRIFTLOOP_FEAST_REGISTRY"]),
             "data_dir": self.data_path,
             "inference_log": str(self.inference_log_path),
             "image": self.image,
@@ -148,18 +170,10 @@ class Settings(BaseSettings):
             "retrain": self.retrain,
         }
 
-
-def _redact(uri: str) -> str:
-    """Hide a password in ``scheme://user:password@host`` or ``host,password=…``."""
-    if "password=" in uri:
-        head, _, _ = uri.partition("password=")
-        return head + "password=***"
-    if "://" in uri and "@" in uri:
-        scheme, _, rest = uri.partition("://")
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else uri
-    return uri
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """The repr (in a traceback, a log line) masks passwords, as ``locations`` does."""
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name in SECRET_FIELDS and isinstance(value, str) else value
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -168,5 +182,111 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except SettingsError:
         raise
-    except ValueError as err:  # pydantic's ValidationError: name the variable
+    except ValidationError as err:  # not chained: pydantic's message quotes the input, passwords included
+        raise SettingsError(_explain(err)) from None
+    except ValueError as err:  # pydantic-settings' own (a value that is not JSON): it names the field only
         raise SettingsError(f"invalid driftloop settings: {err}") from err
+
+
+def _explain(err: ValidationError) -> str:
+    """Each problem with the variable it comes from, and never the value: it may hold a password."""
+    problems = []
+    for error in err.errors(include_url=False, include_input=False):
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, SettingsError):  # our own validator's message says it all
+            problems.append(str(cause))
+            continue
+        name, *inner = [str(part) for part in error["loc"]] or [""]
+        where = ".".join((name, *inner)) + f" (DRIFTLOOP_{name.upper()})"
+        problems.append(f"{where}: {error['msg']}" if name else error["msg"])
+    return "invalid driftloop settings: " + "; ".join(problems)
+
+
+# Secrets -----------------------------------------------------------------------------------------
+# Passwords live only in connection strings: these settings. Whatever prints, logs or records text that
+# may quote one (the CLI's errors and summaries, every log record, a pipeline step's failure) masks it
+# with ``redact``; the Prefect flow and the KFP components read them from their worker's environment.
+SECRET_FIELDS = ("mlflow_tracking_uri", "mlflow_artifact_root", "postgres_dsn", "redis_url", "feast_registry")
+MASK = "***"
+# A password shorter than this is masked where it stands (in a URL or a pair) but not wherever its letters
+# happen to occur in a text: masking "pw" everywhere would garble messages and tell which letters it has.
+MIN_LITERAL_SECRET = 6
+
+_PATTERNS = (
+    # scheme://user:PASSWORD@host; the password runs to the authority's last "@", as URL parsers read it
+    re.compile(r"(?P<keep>\b[a-z][a-z0-9+.-]*://[^\s:/?#@'\"]*:)(?P<secret>[^\s/?#'\"]+)(?=@)", re.IGNORECASE),
+    # password=PASSWORD: Feast's Redis string (host:port,password=…), libpq keyword DSNs, query strings
+    re.compile(r"(?P<keep>\b\w*password\s*=\s*)(?P<secret>[^\s,;&'\"]+)", re.IGNORECASE),
+    # 'password': 'PASSWORD' in a printed dict or JSON
+    re.compile(r"(?P<keep>['\"]\w*password['\"]\s*:\s*['\"])(?P<secret>[^'\"]+)", re.IGNORECASE),
+)
+
+
+def secrets_of(settings: Settings) -> tuple[str, ...]:
+    """The passwords in the settings' secret fields, as written and URL-decoded, longest first."""
+    found: set[str] = set()
+    for name in SECRET_FIELDS:
+        for pattern in _PATTERNS:
+            for match in pattern.finditer(getattr(settings, name) or ""):
+                found.update((match["secret"], unquote(match["secret"])))
+    return tuple(sorted((s for s in found if len(s) >= MIN_LITERAL_SECRET), key=len, reverse=True))
+
+
+def _mask(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    for pattern in _PATTERNS:
+        text = pattern.sub(rf"\g<keep>{MASK}", text)
+    return text
+
+
+def redact(text: str, settings: Settings | None = None) -> str:
+    """``text`` with passwords masked: in URLs' userinfo, in ``password=`` pairs and, given the settings,
+    each of their passwords wherever it appears (a driver may quote one alone)."""
+    return _mask(text, secrets_of(settings) if settings is not None else ())
+
+
+def redact_logs(settings: Settings | None = None) -> None:
+    """From now on, mask passwords in every log record this process makes, whichever handler writes it
+    (a terminal, a file, Prefect's API). Call it at the edge; calling it again replaces the secrets known."""
+    secrets = secrets_of(settings) if settings is not None else ()
+    current = logging.getLogRecordFactory()
+    plain = getattr(current, "unmasked", current)
+
+    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = plain(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit: logging reports that when it writes
+            return record
+        masked = _mask(message, secrets)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        if record.exc_info and not record.exc_text:  # formatters use exc_text when it is set
+            record.exc_text = _mask(logging.Formatter().formatException(record.exc_info), secrets)
+        if record.stack_info:
+            record.stack_info = _mask(record.stack_info, secrets)
+        return record
+
+    masked_record.unmasked = plain  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(masked_record)
+
+
+def redact_error(error: BaseException, settings: Settings | None = None) -> BaseException:
+    """Mask passwords in an error's message and its causes', in place, and return it: its type and traceback
+    stay, so whoever catches it still can; whoever records its text (a Prefect task's state, a pod's log) gets
+    no secret. A driver's error may quote the URL it could not reach, password and all."""
+    secrets = secrets_of(settings) if settings is not None else ()
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.args = tuple(_mask(arg, secrets) if isinstance(arg, str) else arg for arg in current.args)
+        message = getattr(current, "message", None)
+        if isinstance(message, str):  # MLflow's errors keep their text here too
+            with contextlib.suppress(AttributeError):  # a read-only property: it reads the args masked above
+                current.message = _mask(message, secrets)  # type: ignore[attr-defined]
+        pending += [current.__cause__, current.__context__]
+    return error

@@ -2,7 +2,9 @@
 
 ``compare`` reads two Parquet files (or a saved profile JSON as the reference), runs ``check_drift`` and
 prints per-column verdicts, data quality and the dataset verdict as a table, or everything as JSON.
-Bad input ends with one ``error:`` line on stderr and exit code 1.
+Its policy is the monitor's: the settings' (``DRIFTLOOP_DRIFT_*``), with the options below over it; the
+option types are shared with ``driftloop monitor check``. Bad input ends with one ``error:`` line on
+stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from rich.table import Table
 if TYPE_CHECKING:  # pandas, pyarrow and the engine load when a command runs: `driftloop --help` stays fast
     import pandas as pd
 
-    from monitoring.drift import ColumnDrift, DriftReport, ReferenceProfile
+    from driftloop.settings import Settings
+    from monitoring.drift import ColumnDrift, DriftPolicy, DriftReport, ReferenceProfile
 
 drift_app = typer.Typer(help="Data drift: compare current data with the training reference.",
                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -32,6 +35,50 @@ def _fail(message: str) -> NoReturn:
     # Same shape as driftloop.cli.fail, kept local: importing driftloop.cli here would be circular.
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+# The drift policy's options, shared by `drift compare` and `monitor check`: unset, the settings decide.
+DriftShare = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Dataset drift at this share of drifted columns [settings: DRIFTLOOP_DRIFT_SHARE, 0.3].")]
+NumThreshold = Annotated[float | None, typer.Option(
+    min=0.0, help="A numerical column drifts at this score [DRIFTLOOP_DRIFT_NUM_THRESHOLD, 0.1].")]
+CatThreshold = Annotated[float | None, typer.Option(
+    min=0.0, help="A categorical column drifts at this score [DRIFTLOOP_DRIFT_CAT_THRESHOLD, 0.1].")]
+MinRows = Annotated[int | None, typer.Option(
+    min=1, help="Fewer rows than this: insufficient_data [DRIFTLOOP_DRIFT_MIN_ROWS, 200].")]
+ClipQuantile = Annotated[float | None, typer.Option(
+    min=0.0, max=0.499, help="Clip numerical samples to the reference's [q, 1-q] quantiles before the test; "
+    "0: Evidently's exact formula [DRIFTLOOP_DRIFT_CLIP_QUANTILE, 0.005].")]
+Kinds = Annotated[list[str] | None, typer.Option(
+    "--kind", help="COLUMN=numerical or COLUMN=categorical, over the inferred kind; repeatable "
+    "[DRIFTLOOP_DRIFT_KINDS].")]
+
+
+def drift_policy(settings: Settings, drift_share: float | None = None, num_threshold: float | None = None,
+                 cat_threshold: float | None = None, min_rows: int | None = None,
+                 clip_quantile: float | None = None, kinds: list[str] | None = None) -> DriftPolicy:
+    """The settings' drift policy with the options given over it; bad values end with one ``error:`` line."""
+    from monitoring.drift import DriftPolicy, parse_kinds
+
+    try:
+        forced = parse_kinds(kinds or [])
+    except ValueError as error:
+        _fail(f"--kind {error}")
+    try:
+        return DriftPolicy.from_settings(settings, drift_share=drift_share, num_threshold=num_threshold,
+                                         cat_threshold=cat_threshold, min_rows=min_rows,
+                                         clip_quantile=clip_quantile, kinds=forced)
+    except ValueError as error:
+        _fail(str(error))
+
+
+def _settings() -> Settings:
+    from driftloop.settings import SettingsError, load_settings
+
+    try:
+        return load_settings()
+    except SettingsError as error:
+        _fail(str(error))
 
 
 @drift_app.callback()
@@ -81,18 +128,30 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print every score and verdict as JSON.")] = False,
     columns: Annotated[str | None, typer.Option(help="Comma-separated columns to test (default: shared features).")]
     = None,
-    min_rows: Annotated[int, typer.Option(min=1, help="Fewer rows than this: insufficient_data.")] = 200,
+    min_rows: MinRows = None,
+    drift_share: DriftShare = None,
+    num_threshold: NumThreshold = None,
+    cat_threshold: CatThreshold = None,
+    clip_quantile: ClipQuantile = None,
+    kind: Kinds = None,
 ) -> None:
     """Compare CURRENT with REFERENCE: per-column drift, data quality and the dataset verdict."""
-    from monitoring.drift import DriftPolicy, ReferenceProfile, build_profile, check_drift, feature_columns
+    from monitoring.drift import ReferenceProfile, build_profile, check_drift, feature_columns, parse_kinds
 
+    policy = drift_policy(_settings(), drift_share, num_threshold, cat_threshold, min_rows, clip_quantile, kind)
     data = _read_parquet(current, "current")
+    asked = parse_kinds(kind or [])
     if reference.suffix.lower() == ".json":
         profile = _read_profile(reference)
         shared = [c for c in profile.columns if c in data.columns]
         selected = _select(shared, columns, set(shared))
         if not selected:
             _fail(f"no columns in common between the profile {reference} and {current}")
+        _known(asked, set(shared))
+        fixed = [c for c, k in policy.kinds if c in selected and profile.columns[c].kind != k]
+        if fixed:
+            _fail(f"a saved profile's kinds are fixed: {', '.join(fixed)} would change; compare with the "
+                  "reference data instead")
         profile = ReferenceProfile(profile.rows, {c: profile.columns[c] for c in selected}, profile.prediction)
     else:
         ref = _read_parquet(reference, "reference")
@@ -102,15 +161,22 @@ def compare(
             _fail(f"no columns in common between {reference} and {current}")
         if len(ref) == 0:
             _fail(f"reference file {reference} has no rows")
+        _known(asked, shared_all)
         try:
-            profile = build_profile(ref, selected)
+            profile = build_profile(ref, selected, kinds=policy.kinds)
         except ValueError as error:
             _fail(str(error))
-    report = check_drift(profile, data, DriftPolicy(min_rows=min_rows))
+    report = check_drift(profile, data, policy)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         _print_report(report, reference, current)
+
+
+def _known(kinds: dict[str, str], available: set[str]) -> None:
+    unknown = [c for c in kinds if c not in available]
+    if unknown:
+        _fail(f"--kind: {', '.join(unknown)} not in both files")
 
 
 def _score(c: ColumnDrift) -> str:
@@ -157,7 +223,8 @@ def _print_report(report: DriftReport, reference: Path, current: Path) -> None:
         detail = f"fewer rows than --min-rows {report.policy.min_rows}"
     out.print(f"dataset: [{colour}]{report.verdict}[/]: {detail}", highlight=False)
     issues = report.quality_issues
-    out.print(f"data quality: {'[yellow]' if issues else '[green]'}{len(issues)} column(s) with issues[/]"
-              + (":" if issues else ""), highlight=False)
+    implausible = f", {report.implausible_rows:,} row(s) with implausible values" if report.implausible_rows else ""
+    out.print(f"data quality: {'[yellow]' if issues else '[green]'}{len(issues)} column(s) with issues"
+              f"{implausible}[/]" + (":" if issues else ""), highlight=False)
     for name, found in issues.items():
         out.print(f"  {name}: {'; '.join(found)}", highlight=False)

@@ -6,9 +6,18 @@ so it can be logged next to the model and reloaded in milliseconds. ``check_drif
 traffic with it. The tests are Evidently's own formulas with Evidently's rule (drift when score >=
 threshold), chosen explicitly per kind by ``DriftPolicy``, never by sample size, so a verdict here agrees
 with an Evidently report configured the same way; ``evidently_drift`` runs that report for comparison.
+Column kinds are inferred as Evidently infers them (an integer column with few distinct values is
+categorical), unless the policy names a column's kind.
 
-Drift tests drop nulls and non-finite values (as Evidently does), so a rising null rate, out-of-range
-values and unseen categories are reported separately, in each column's data-quality section.
+One client must not be able to fake drift: a single extreme row moves the normed Wasserstein distance of
+every numerical column by its size over the window's length. So numerical tests see both samples clipped
+to the reference's [q, 1-q] quantiles (``DriftPolicy.clip_quantile``; 0 gives Evidently's exact formula)
+and a row's pull on a score is bounded by the reference's own spread; the extreme and impossible values
+themselves are counted in data quality.
+
+Drift tests drop nulls and non-finite values (as Evidently does), so a rising null rate, out-of-range,
+extreme and impossible values and unseen categories are reported separately, in each column's
+data-quality section.
 """
 
 from __future__ import annotations
@@ -17,12 +26,15 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from driftloop.contracts import BY_NAME, ENTITY_KEYS, LABEL, LABEL_TIMESTAMP, MODEL_FEATURES, TIMESTAMP, TRANSACTION_ID
+
+if TYPE_CHECKING:
+    from driftloop.settings import Settings
 
 NUMERICAL = "numerical"
 CATEGORICAL = "categorical"
@@ -46,23 +58,46 @@ NON_FEATURES = frozenset({TIMESTAMP, LABEL, LABEL_TIMESTAMP, TRANSACTION_ID, *EN
 PROFILE_FORMAT = 1
 _STD_FLOOR = 0.001  # Evidently's floor for the reference std in the normed Wasserstein distance
 _FEW_LEVELS = 20  # Evidently bins a numerical column by its values, not a histogram, up to this many levels
+INTEGER_LEVELS = 10  # Evidently's INTEGER_CARDINALITY_LIMIT: an integer column with this few values is categorical
 
 
 @dataclass(frozen=True)
 class DriftPolicy:
-    """Which test each kind of column gets, the thresholds, and when a window is too small to judge."""
+    """Which test each kind of column gets, the thresholds, and when a window is too small to judge.
+
+    One policy serves the monitor and ``driftloop drift compare``: ``from_settings`` builds it from the
+    settings (``DRIFTLOOP_DRIFT_*``), whose defaults are these."""
 
     num_method: str = "wasserstein"  # Wasserstein distance normed by the reference std
     num_threshold: float = 0.1
     cat_method: str = "jensenshannon"  # Jensen-Shannon distance (natural log)
     cat_threshold: float = 0.1
-    drift_share: float = 0.5  # dataset drift when drifted columns / tested columns >= this
+    # Dataset drift when drifted columns / tested columns >= this. With ten features one drifting column is
+    # noise (online values are the newest snapshots, training saw every day's); three or four are a changed world.
+    drift_share: float = 0.3
     min_rows: int = 200  # below this many rows (or non-null values in a column) there is no verdict
+    # Numerical tests clip both samples to the reference's [q, 1-q] quantiles: a row moves a normed
+    # Wasserstein score by at most (q_hi - q_lo) / std / rows, so a handful of rows cannot fake drift.
+    # 0: Evidently's exact formula (a single row of 1e9 drifts every column).
+    clip_quantile: float = 0.005
     null_rate_rise: float = 0.05  # quality issue when the null rate rises by more than this over the reference
     out_of_range_share: float = 0.01  # quality issue above this share of values outside the reference range
     unseen_share: float = 0.0  # quality issue above this share of categories the reference never had
+    # A value beyond the reference's [min, max] by more than this many range widths is extreme.
+    extreme_margin: float = 1.0
+    implausible_share: float = 0.0  # quality issue above this share of extreme, impossible or non-finite values
+    kinds: tuple[tuple[str, str], ...] = ()  # (column, kind) pairs that override the inferred kind
 
     def __post_init__(self) -> None:
+        kinds = self.kinds.items() if isinstance(self.kinds, Mapping) else self.kinds
+        object.__setattr__(self, "kinds", tuple(sorted((str(c), str(k)) for c, k in kinds)))
+        bad = {c: k for c, k in self.kinds if k not in KINDS}
+        if bad:
+            raise ValueError(f"unknown kind(s) {bad}; use {' or '.join(KINDS)}")
+        if not 0 <= self.clip_quantile < 0.5:
+            raise ValueError("clip_quantile must be in [0, 0.5)")
+        if self.extreme_margin < 0:
+            raise ValueError("extreme_margin must be >= 0")
         if self.num_method not in NUM_METHODS:
             raise ValueError(f"num_method must be one of {', '.join(NUM_METHODS)}, not {self.num_method!r}")
         if self.cat_method not in CAT_METHODS:
@@ -76,6 +111,31 @@ class DriftPolicy:
 
     def method(self, kind: str) -> tuple[str, float]:
         return (self.num_method, self.num_threshold) if kind == NUMERICAL else (self.cat_method, self.cat_threshold)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> DriftPolicy:
+        """The policy the settings give (``DRIFTLOOP_DRIFT_*``); ``overrides`` that are not None win (CLI options).
+        A ``kinds`` override adds to the settings' kinds."""
+        values: dict[str, Any] = {
+            "num_method": settings.drift_num_method, "num_threshold": settings.drift_num_threshold,
+            "cat_method": settings.drift_cat_method, "cat_threshold": settings.drift_cat_threshold,
+            "drift_share": settings.drift_share, "min_rows": settings.drift_min_rows,
+            "clip_quantile": settings.drift_clip_quantile, "extreme_margin": settings.drift_extreme_margin,
+        }
+        kinds = {**settings.drift_kinds, **dict(overrides.pop("kinds", None) or {})}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values, kinds=tuple(kinds.items()))
+
+
+def parse_kinds(items: Sequence[str]) -> dict[str, str]:
+    """``["col=categorical", ...]`` -> {col: kind}; raises ``ValueError`` naming a malformed item."""
+    out: dict[str, str] = {}
+    for item in items:
+        column, sep, kind = item.partition("=")
+        if not sep or not column.strip() or kind.strip() not in KINDS:
+            raise ValueError(f"{item!r}: give COLUMN={' or COLUMN='.join(KINDS)}")
+        out[column.strip()] = kind.strip()
+    return out
 
 
 # --- the reference profile -------------------------------------------------------------------------------
@@ -180,10 +240,17 @@ def _profile_from_dict(d: Mapping[str, Any]) -> ColumnProfile:
 
 
 def infer_kind(name: str, series: pd.Series) -> str:
-    """The contract's kind for a model feature; otherwise numbers are numerical, anything else categorical."""
-    if name in BY_NAME:
-        return CATEGORICAL if BY_NAME[name].kind == "category" else NUMERICAL
+    """As Evidently infers a column's kind: floats are numerical; integers are categorical when they take at
+    most ``INTEGER_LEVELS`` distinct values, else numerical; anything else (text, bool) is categorical.
+    A model feature's contract says which columns are categories and which hold integers (the inference
+    log stores every number as a float)."""
+    contract = BY_NAME.get(name)
+    if contract is not None and contract.kind == "category":
+        return CATEGORICAL
     if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+        return CATEGORICAL
+    integer = pd.api.types.is_integer_dtype(series) or (contract is not None and contract.kind == "int")
+    if integer and series.nunique() <= INTEGER_LEVELS:
         return CATEGORICAL
     return NUMERICAL
 
@@ -199,8 +266,11 @@ def feature_columns(reference: pd.DataFrame, current: pd.DataFrame | None = None
             and not pd.api.types.is_datetime64_any_dtype(reference[c])]
 
 
-def resolve_kinds(frame: pd.DataFrame, columns: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """Column name -> kind. ``columns`` may give kinds explicitly; raises ``ValueError`` naming bad input."""
+def resolve_kinds(frame: pd.DataFrame, columns: Sequence[str] | Mapping[str, str] | None,
+                  overrides: Mapping[str, str] | Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """Column name -> kind. ``columns`` may give kinds explicitly; ``overrides`` (column -> kind, e.g. the
+    policy's ``kinds``) win over the inference for the columns it names. Raises ``ValueError`` naming bad input."""
+    forced = dict(overrides)
     if columns is None:
         columns = feature_columns(frame)
     missing = [c for c in columns if c not in frame.columns]
@@ -210,18 +280,20 @@ def resolve_kinds(frame: pd.DataFrame, columns: Sequence[str] | Mapping[str, str
         bad = {c: k for c, k in columns.items() if k not in KINDS}
         if bad:
             raise ValueError(f"unknown kind(s) {bad}; use {' or '.join(KINDS)}")
-        return dict(columns)
-    return {c: infer_kind(c, frame[c]) for c in columns}
+        return {c: forced.get(c, k) for c, k in columns.items()}
+    return {c: forced.get(c) or infer_kind(c, frame[c]) for c in columns}
 
 
 def build_profile(reference: pd.DataFrame, columns: Sequence[str] | Mapping[str, str] | None = None, *,
-                  max_sample: int = 10_000) -> ReferenceProfile:
-    """Summarise ``reference`` once. ``columns``: names (kinds from the contract or dtype) or name -> kind;
-    default ``feature_columns``. A ``prediction`` or ``score`` column, if any, is profiled for prediction
-    drift. Raises ``ValueError`` on an empty frame or a missing column."""
+                  max_sample: int = 10_000,
+                  kinds: Mapping[str, str] | Sequence[tuple[str, str]] = ()) -> ReferenceProfile:
+    """Summarise ``reference`` once. ``columns``: names (kinds inferred, ``infer_kind``) or name -> kind;
+    default ``feature_columns``. ``kinds`` overrides the kind of the columns it names (``DriftPolicy.kinds``).
+    A ``prediction`` or ``score`` column, if any, is profiled for prediction drift. Raises ``ValueError``
+    on an empty frame or a missing column."""
     if len(reference) == 0:
         raise ValueError("the reference has no rows")
-    kinds = resolve_kinds(reference, columns)
+    kinds = resolve_kinds(reference, columns, kinds)
     profiles: dict[str, ColumnProfile] = {}
     for name, kind in kinds.items():
         if kind == NUMERICAL:
@@ -271,12 +343,20 @@ def _numerical_profile(name: str, series: pd.Series, max_sample: int) -> Numeric
                             level_counts)
 
 
+def _category(value: Any) -> str:
+    """A category's name: integral numbers without a decimal point, so an integer column read back from the
+    inference log (where every number is a float) has the reference's categories."""
+    if isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _categorical_profile(name: str, series: pd.Series) -> CategoricalProfile:
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
     counts = np.bincount(codes[codes >= 0], minlength=len(uniques)).astype(np.int64)
     merged: dict[str, int] = {}
     for value, count in zip(uniques, counts, strict=True):
-        merged[str(value)] = merged.get(str(value), 0) + int(count)
+        merged[_category(value)] = merged.get(_category(value), 0) + int(count)
     # Contract categories the sample happened to miss are known, not "unseen" (count 0 changes no score).
     for category in BY_NAME[name].categories if name in BY_NAME else ():
         merged.setdefault(category, 0)
@@ -307,7 +387,10 @@ class ColumnDrift:
 @dataclass(frozen=True)
 class ColumnQuality:
     """What the drift test cannot see: null rate against the reference's, values outside the reference's
-    range (numerical) and categories it never had (categorical); ``issues`` names what exceeds the policy."""
+    range and implausible ones (numerical), categories it never had (categorical); ``issues`` names what
+    exceeds the policy. Implausible values are non-finite, impossible (outside a model feature's contract
+    range: a negative amount, hour 27) or extreme (beyond the reference's plausible range, ``plausible_low``
+    to ``plausible_high``: its [min, max] widened by ``DriftPolicy.extreme_margin`` range widths)."""
 
     column: str
     null_rate: float
@@ -316,6 +399,11 @@ class ColumnQuality:
     unseen_categories: tuple[str, ...]  # most frequent first, at most 20 names
     unseen_share: float  # of non-null values
     issues: tuple[str, ...]
+    non_finite: int = 0  # +-inf
+    impossible: int = 0  # finite, outside the contract's range
+    extreme: int = 0  # finite, possible, beyond the plausible range
+    plausible_low: float = math.nan
+    plausible_high: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -331,6 +419,7 @@ class DriftReport:
     quality: dict[str, ColumnQuality]
     prediction: ColumnDrift | None
     policy: DriftPolicy = field(default_factory=DriftPolicy)
+    implausible_rows: int = 0  # rows with an implausible value in any feature (see ``ColumnQuality``)
 
     @property
     def quality_issues(self) -> dict[str, tuple[str, ...]]:
@@ -341,7 +430,7 @@ class DriftReport:
         return _jsonable({
             "verdict": self.verdict, "rows": self.rows, "reference_rows": self.reference_rows,
             "drift_share": self.drift_share, "drift_share_threshold": self.policy.drift_share,
-            "drifted_columns": list(self.drifted_columns),
+            "drifted_columns": list(self.drifted_columns), "implausible_rows": self.implausible_rows,
             "columns": {n: asdict(c) for n, c in self.columns.items()},
             "quality": {n: asdict(q) for n, q in self.quality.items()},
             "prediction": asdict(self.prediction) if self.prediction else None,
@@ -381,13 +470,16 @@ def check_drift(profile: ReferenceProfile, current: pd.DataFrame, policy: DriftP
     enough = rows >= policy.min_rows
     columns: dict[str, ColumnDrift] = {}
     quality: dict[str, ColumnQuality] = {}
+    implausible = np.zeros(rows, dtype=bool)
     for name, ref in profile.columns.items():
-        columns[name], quality[name] = _check_column(ref, current[name], policy, enough)
+        columns[name], quality[name], bad = _check_column(ref, current[name], policy, enough)
+        if bad is not None:
+            implausible |= bad
     prediction = None
     if profile.prediction is not None:
         pred = next((c for c in PREDICTION_COLUMNS if c in current.columns and c not in profile.columns), None)
         if pred is not None:
-            prediction, _ = _check_column(profile.prediction, current[pred], policy, enough)
+            prediction, _, _ = _check_column(profile.prediction, current[pred], policy, enough)
     tested = [c for c in columns.values() if c.score is not None and c.status != INSUFFICIENT_DATA]
     drifted = tuple(c.column for c in tested if c.drifted)
     share = len(drifted) / len(tested) if tested else 0.0
@@ -396,13 +488,15 @@ def check_drift(profile: ReferenceProfile, current: pd.DataFrame, policy: DriftP
         verdict = INSUFFICIENT_DATA
     return DriftReport(verdict=verdict, rows=rows, reference_rows=profile.rows, drift_share=share,
                        drifted_columns=drifted, columns=columns, quality=quality, prediction=prediction,
-                       policy=policy)
+                       policy=policy, implausible_rows=int(np.count_nonzero(implausible)))
 
 
 def _check_column(ref: ColumnProfile, series: pd.Series, policy: DriftPolicy,
-                  enough_rows: bool) -> tuple[ColumnDrift, ColumnQuality]:
+                  enough_rows: bool) -> tuple[ColumnDrift, ColumnQuality, np.ndarray | None]:
+    """The column's drift test and data quality, and for a numerical column the mask of its implausible rows."""
     method, threshold = policy.method(ref.kind)
     rows = len(series)
+    bad = None
     if isinstance(ref, NumericalProfile):
         raw = _as_float(series)
         nulls = int(np.isnan(raw).sum())
@@ -410,11 +504,23 @@ def _check_column(ref: ColumnProfile, series: pd.Series, policy: DriftPolicy,
         present = rows - nulls
         # Comparisons with NaN are False, so nulls never count as out of range; +-inf always do.
         outside = int(np.count_nonzero(raw < ref.low) + np.count_nonzero(raw > ref.high)) if ref.count else 0
-        quality = _quality(ref, rows, nulls, outside / present if present else 0.0, (), 0.0, policy)
+        (low, high), (c_low, c_high) = _plausible(ref, policy), _contract_range(ref.name)
+        # Implausible: outside both ranges' overlap, or not finite. Impossible: outside the contract's.
+        lo, hi = max(low, c_low), min(high, c_high)
+        bad = (raw < lo) | (raw > hi)  # finite bounds catch +-inf too
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad |= np.isinf(raw)
+        non_finite = present - finite.size
+        impossible = 0
+        if math.isfinite(c_low) or math.isfinite(c_high):
+            impossible = int(np.count_nonzero(finite < c_low) + np.count_nonzero(finite > c_high))
+        extreme = int(np.count_nonzero(bad)) - non_finite - impossible
+        quality = _quality(ref, rows, nulls, outside / present if present else 0.0, (), 0.0, policy,
+                           (non_finite, impossible, extreme, low, high, c_low, c_high))
         values = finite.size
         score = None
         if ref.count and values:
-            score = _numerical_score(ref, finite, _is_integer(series), method)
+            score = _numerical_score(ref, finite, _is_integer(series), method, policy.clip_quantile)
     else:
         codes, uniques = pd.factorize(series, use_na_sentinel=True)
         present_codes = codes[codes >= 0]
@@ -425,7 +531,7 @@ def _check_column(ref: ColumnProfile, series: pd.Series, policy: DriftPolicy,
         cur_counts = np.zeros(len(ref.categories), dtype=np.int64)
         unseen: dict[str, int] = {}
         for value, count in zip(uniques, counts, strict=True):  # one step per distinct value, not per row
-            key = str(value)
+            key = _category(value)
             if key in ref_index:
                 cur_counts[ref_index[key]] += count
             else:
@@ -448,12 +554,36 @@ def _check_column(ref: ColumnProfile, series: pd.Series, policy: DriftPolicy,
     else:
         status = OK
     drifted = score is not None and status in (OK, CONSTANT_REFERENCE) and score >= threshold
-    return ColumnDrift(ref.name, ref.kind, method, score, threshold, bool(drifted), status, int(values)), quality
+    column = ColumnDrift(ref.name, ref.kind, method, score, threshold, bool(drifted), status, int(values))
+    return column, quality, bad
+
+
+def _plausible(ref: NumericalProfile, policy: DriftPolicy) -> tuple[float, float]:
+    """The reference's [min, max] widened by ``extreme_margin`` range widths; everything without reference values."""
+    if not ref.count:
+        return -math.inf, math.inf
+    width = (ref.high - ref.low) * policy.extreme_margin
+    return ref.low - width, ref.high + width
+
+
+def _contract_range(name: str) -> tuple[float, float]:
+    """A numerical model feature's valid range (the data contract); unbounded for any other column."""
+    contract = BY_NAME.get(name)
+    if contract is None or contract.kind == "category":
+        return -math.inf, math.inf
+    return (-math.inf if contract.low is None else float(contract.low),
+            math.inf if contract.high is None else float(contract.high))
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _quality(ref: ColumnProfile, rows: int, nulls: int, out_of_range: float, unseen: tuple[str, ...],
-             unseen_share: float, policy: DriftPolicy) -> ColumnQuality:
+             unseen_share: float, policy: DriftPolicy,
+             implausible: tuple[int, int, int, float, float, float, float] | None = None) -> ColumnQuality:
     null_rate = nulls / rows if rows else 0.0
+    present = rows - nulls
     issues = []
     if rows and nulls == rows:
         issues.append("all null")
@@ -461,16 +591,51 @@ def _quality(ref: ColumnProfile, rows: int, nulls: int, out_of_range: float, uns
         issues.append(f"null rate {null_rate:.1%} (ref {ref.null_rate:.1%})")
     if out_of_range > policy.out_of_range_share:
         issues.append(f"{out_of_range:.1%} out of range")
+    non_finite = impossible = extreme = 0
+    low = high = math.nan
+    if implausible is not None:
+        non_finite, impossible, extreme, low, high, c_low, c_high = implausible
+        over = policy.implausible_share * present
+        if non_finite > over:
+            issues.append(_plural(non_finite, "non-finite value"))
+        if impossible > over:
+            issues.append(f"{_plural(impossible, 'impossible value')} (outside {c_low:g}..{c_high:g})")
+        if extreme > over:
+            issues.append(f"{_plural(extreme, 'extreme value')} (beyond the plausible {low:.4g}..{high:.4g})")
     if unseen_share > policy.unseen_share:
         issues.append(f"{unseen_share:.1%} unseen: {', '.join(unseen[:3])}")
     if not ref.count:
         issues.append("no reference values")
-    return ColumnQuality(ref.name, null_rate, ref.null_rate, out_of_range, unseen, unseen_share, tuple(issues))
+    return ColumnQuality(ref.name, null_rate, ref.null_rate, out_of_range, unseen, unseen_share, tuple(issues),
+                         non_finite, impossible, extreme, low, high)
 
 
-def _numerical_score(ref: NumericalProfile, values: np.ndarray, integer: bool, method: str) -> float:
+def clip_range(ref: NumericalProfile, quantile: float) -> tuple[float, float] | None:
+    """Where a numerical test clips both samples: the reference's [q, 1-q] quantiles, or its [min, max] when
+    those meet (a column mostly of one value). None: no clipping (``quantile`` 0, or a constant reference,
+    where any change is drift)."""
+    if quantile <= 0 or not ref.count or ref.n_unique < 2:
+        return None
+    low, high = np.quantile(ref.sample, (quantile, 1.0 - quantile))
+    if high <= low:
+        low, high = ref.low, ref.high
+    return float(low), float(high)
+
+
+def _numerical_score(ref: NumericalProfile, values: np.ndarray, integer: bool, method: str,
+                     clip_quantile: float = 0.0) -> float:
+    """The column's score; ``values`` (finite, float64, the caller's own copy) may be clipped and sorted in place."""
+    bounds = clip_range(ref, clip_quantile)
     if method == "wasserstein":
-        return wasserstein_sorted(ref.sample, np.sort(values)) / max(ref.std, _STD_FLOOR)
+        sample = ref.sample
+        if bounds is not None:  # clipping keeps a sorted sample sorted
+            sample = np.clip(sample, *bounds)
+            np.clip(values, *bounds, out=values)
+        values.sort()
+        return wasserstein_sorted(sample, values) / max(ref.std, _STD_FLOOR)
+    if bounds is not None:
+        # Binned tests: a far value would stretch the bins over an empty range; it goes to an edge bin instead.
+        values = np.clip(values, ref.low, ref.high)
     ref_p, cur_p = _binned(ref, values, integer and ref.integer)
     return _psi(ref_p, cur_p) if method == "psi" else _jensenshannon(ref_p, cur_p)
 
@@ -562,7 +727,7 @@ def evidently_drift(reference: pd.DataFrame, current: pd.DataFrame,
     from evidently.presets import DataDriftPreset
 
     policy = policy or DriftPolicy()
-    kinds = resolve_kinds(reference, columns)
+    kinds = resolve_kinds(reference, columns, policy.kinds)
     testable = {c: k for c, k in kinds.items() if c in current.columns
                 and _has_values(reference[c], k) and _has_values(current[c], k)}
     if not testable:

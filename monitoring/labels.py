@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,30 +28,105 @@ class IngestSummary:
     matched: int  # labels whose transaction was served and logged
 
 
-def read_labels(path: Path) -> pd.DataFrame:
-    """A Parquet or CSV file with ``transaction_id`` and ``is_fraud`` (0/1)."""
+CHUNK_ROWS = 50_000  # labels read, checked and sent at a time: memory stays flat whatever the file's size
+
+
+def label_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """A Parquet or CSV file with ``transaction_id`` and ``is_fraud`` (0/1), ``chunk_rows`` rows at a time.
+
+    Ids are read as text, so a CSV id ``000123`` stays ``000123``. Each chunk is checked (rows are counted
+    from 1, after a CSV's header) and holds each id once, its last label in the chunk.
+    """
     if not path.exists():
         raise LabelError(f"no label file at {path}")
-    try:
-        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
-    except Exception as error:
-        raise LabelError(f"cannot read {path} ({type(error).__name__}: {error}); expected Parquet or CSV") from error
-    missing = [c for c in (TRANSACTION_ID, LABEL) if c not in frame.columns]
+    chunks = _csv_chunks(path, chunk_rows) if path.suffix == ".csv" else _parquet_chunks(path, chunk_rows)
+    first_row = 1
+    while True:
+        try:
+            frame = next(chunks)
+        except StopIteration:
+            return
+        except LabelError:
+            raise
+        except Exception as error:  # whatever the reader says about a file it cannot parse
+            raise LabelError(f"cannot read {path} ({type(error).__name__}: {error}); expected Parquet or CSV"
+                             ) from error
+        yield _checked(frame, path, first_row)
+        first_row += len(frame)
+
+
+def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    _require_columns(path, pd.read_csv(path, nrows=0).columns)
+    # Only an empty field is missing: "NA" or "null" could be someone's transaction id.
+    yield from pd.read_csv(path, usecols=[TRANSACTION_ID, LABEL], dtype={TRANSACTION_ID: str}, chunksize=chunk_rows,
+                           keep_default_na=False, na_values={TRANSACTION_ID: [""], LABEL: [""]})
+
+
+def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    _require_columns(path, file.schema_arrow.names)
+    for batch in file.iter_batches(batch_size=chunk_rows, columns=[TRANSACTION_ID, LABEL]):
+        yield batch.to_pandas()
+
+
+def _require_columns(path: Path, columns: Iterable[str]) -> None:
+    missing = [c for c in (TRANSACTION_ID, LABEL) if c not in set(columns)]
     if missing:
         raise LabelError(f"{path} lacks columns {missing}")
-    if frame[LABEL].isna().any() or not frame[LABEL].isin([0, 1]).all():
-        raise LabelError(f"{path}: {LABEL} must be 0 or 1 in every row")
-    if frame[TRANSACTION_ID].isna().any():
-        raise LabelError(f"{path}: {TRANSACTION_ID} is empty in some rows")
-    return frame[[TRANSACTION_ID, LABEL]].astype({TRANSACTION_ID: str, LABEL: int}).drop_duplicates(
-        TRANSACTION_ID, keep="last")
 
 
-def ingest(settings: Settings, path: Path) -> IngestSummary:
-    """Store the labels (all or none: one transaction) and say how many match logged predictions."""
-    frame = read_labels(path)
-    matched = LogStore(settings).upsert_labels(list(frame.itertuples(index=False, name=None)))
-    return IngestSummary(len(frame), matched)
+def _checked(frame: pd.DataFrame, path: Path, first_row: int) -> pd.DataFrame:
+    labels = pd.to_numeric(frame[LABEL], errors="coerce")
+    bad = ~labels.isin([0, 1]).to_numpy()
+    if bad.any():
+        at = int(bad.argmax())
+        raise LabelError(f"{path}: {LABEL} must be 0 or 1 in every row (row {first_row + at:,} has "
+                         f"{str(frame[LABEL].iloc[at])!r})")
+    empty = frame[TRANSACTION_ID].isna().to_numpy()
+    if empty.any():
+        raise LabelError(f"{path}: {TRANSACTION_ID} is empty in some rows (the first: row "
+                         f"{first_row + int(empty.argmax()):,})")
+    return pd.DataFrame({TRANSACTION_ID: frame[TRANSACTION_ID].astype(str), LABEL: labels.astype(int)}
+                        ).drop_duplicates(TRANSACTION_ID, keep="last")
+
+
+def ingest(settings: Settings, path: Path, chunk_rows: int = CHUNK_ROWS) -> IngestSummary:
+    """Store the labels (all or none: one transaction) and say how many match logged predictions.
+
+    The file goes through in chunks into a temporary table (PostgreSQL: ``COPY``), where a later label for an
+    id replaces an earlier one; one statement then moves them into ``labels``. No statement carries more
+    than a row's parameters, so any number of labels fits.
+    """
+    store = LogStore(settings)
+    with store.connect() as db:
+        store._labels_table(db)  # the store's own schema
+        temporary = " ON COMMIT DROP" if store.postgres else ""
+        db.execute(f"CREATE TEMP TABLE labels_incoming ({TRANSACTION_ID} TEXT PRIMARY KEY, {LABEL} INTEGER){temporary}")
+        db.execute(f"CREATE TEMP TABLE labels_chunk ({TRANSACTION_ID} TEXT, {LABEL} INTEGER){temporary}")
+        for frame in label_chunks(path, chunk_rows):
+            rows = list(zip(frame[TRANSACTION_ID].tolist(), frame[LABEL].tolist(), strict=True))
+            if store.postgres:
+                copy_in = f"COPY labels_chunk ({TRANSACTION_ID}, {LABEL}) FROM STDIN"
+                with db.cursor() as cursor, cursor.copy(copy_in) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            else:
+                db.executemany("INSERT INTO labels_chunk VALUES (?, ?)", rows)
+            # "WHERE true": SQLite would read ON CONFLICT as a join's ON without it.
+            db.execute(f"INSERT INTO labels_incoming SELECT {TRANSACTION_ID}, {LABEL} FROM labels_chunk WHERE true "  # noqa: S608
+                       f"ON CONFLICT ({TRANSACTION_ID}) DO UPDATE SET {LABEL} = excluded.{LABEL}")
+            db.execute("DELETE FROM labels_chunk")
+        # In id order, so two ingests at once lock shared rows in the same order and cannot deadlock.
+        db.execute(f"INSERT INTO labels ({TRANSACTION_ID}, {LABEL}) SELECT {TRANSACTION_ID}, {LABEL} "  # noqa: S608
+                   f"FROM labels_incoming WHERE true ORDER BY {TRANSACTION_ID} "
+                   f"ON CONFLICT ({TRANSACTION_ID}) DO UPDATE SET {LABEL} = excluded.{LABEL}")
+        stored = db.execute("SELECT COUNT(*) FROM labels_incoming").fetchone()[0]
+        matched = db.execute(f"SELECT COUNT(*) FROM labels_incoming WHERE {TRANSACTION_ID} IN "  # noqa: S608
+                             f"(SELECT {TRANSACTION_ID} FROM predictions)").fetchone()[0] \
+            if store.has(db, "predictions") else 0
+    return IngestSummary(stored, matched)
 
 
 def labelled_window(settings: Settings, since: float | None = None, until: float | None = None) -> pd.DataFrame:

@@ -1,13 +1,17 @@
 """The monitor: drift and performance checks on windows of the inference log, and the retraining trigger.
 
-One check reads the latest ``window_rows`` logged predictions, compares them with the champion's reference
-profile (built once per champion version from the sample logged at training, cached in the state dir),
-scores the labelled ones, records the window's signal and, when the guardrails allow, retrains.
+A window is one model version's traffic: the latest ``window_rows`` predictions the current champion made
+(the log's rows carry ``model_version``). One check compares them with that champion's reference profile
+(built once per champion version from the sample logged at training, cached in the state dir), scores the
+labelled ones against the same champion's holdout AUC, records the window's signal and, when the
+guardrails allow, retrains. After a promotion the new champion has no window yet: the check says it is
+waiting (``N of M rows of vX``) and judges nothing, rather than judge the old version's traffic.
 Data-quality issues are reported, never a reason to retrain: a model trained on broken data is no fix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -18,19 +22,23 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from driftloop.contracts import MODEL_FEATURES
+from driftloop.contracts import LABEL, MODEL_FEATURES
 from driftloop.settings import Settings
 from monitoring.drift import DriftPolicy, ReferenceProfile, build_profile, check_drift
-from monitoring.labels import performance
 from monitoring.retrain import Decision, TriggerPolicy, maybe_retrain, state_for
 from monitoring.store import LogStore
+from pipelines.steps.evaluate import Metrics, compute
 from pipelines.steps.register import CHAMPION
 
 log = logging.getLogger(__name__)
+
+
+WAITING = "waiting"  # the champion has fewer than window_rows logged predictions: nothing is judged yet
 
 
 class MonitorError(RuntimeError):
@@ -39,10 +47,9 @@ class MonitorError(RuntimeError):
 
 @dataclass(frozen=True)
 class MonitorPolicy:
-    window_rows: int = 2_000  # the latest N logged predictions form a window
-    # A window drifts when a third of the features do: with ten features, one drifting column is noise
-    # (online values are the newest snapshots, training saw every day's), four are a changed world.
-    drift: DriftPolicy = field(default_factory=lambda: DriftPolicy(drift_share=0.3))
+    window_rows: int = 2_000  # the champion's latest N logged predictions form a window
+    # None: the settings' policy (DRIFTLOOP_DRIFT_*), the one `driftloop drift compare` uses.
+    drift: DriftPolicy | None = None
     trigger: TriggerPolicy = field(default_factory=TriggerPolicy)
     auc_drop: float = 0.05  # a performance signal when served AUC < the champion's holdout AUC - this
     min_labels: int = 200
@@ -52,9 +59,9 @@ class MonitorPolicy:
 @dataclass(frozen=True)
 class CheckResult:
     window_id: str
-    model_version: str
+    model_version: str  # the champion's: every row of the window is its prediction
     rows: int
-    verdict: str  # drift | no_drift | insufficient_data
+    verdict: str  # drift | no_drift | insufficient_data | waiting (fewer than window_size rows of this version)
     drift_share: float
     drifted_columns: tuple[str, ...]
     prediction_drift: bool | None
@@ -65,13 +72,25 @@ class CheckResult:
     reasons: tuple[str, ...]
     column_scores: dict[str, float | None] = field(default_factory=dict)  # drift score per feature
     retraining: Decision | None = None
+    window_size: int = 0  # the rows a full window has (the policy's window_rows)
+    labelled_rows: int = 0  # of the window's rows, those with a label (served AUC is theirs)
+    implausible_rows: int = 0  # rows with a non-finite, impossible or extreme value (data quality)
+
+    @property
+    def status(self) -> str:
+        """One line on what the window is: ``waiting: N of M rows of vX`` or ``N rows of vX``."""
+        if self.verdict == WAITING:
+            return f"waiting: {self.rows:,} of {self.window_size:,} rows of v{self.model_version}"
+        return f"{self.rows:,} rows of v{self.model_version}"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "status": self.status}
 
 
-def champion_profile(settings: Settings, client: MlflowClient) -> tuple[str, ReferenceProfile, float | None]:
-    """(version, reference profile, holdout AUC) of the current champion; the profile is cached on disk."""
+def champion_profile(settings: Settings, client: MlflowClient,
+                     kinds: tuple[tuple[str, str], ...] = ()) -> tuple[str, ReferenceProfile, float | None]:
+    """(version, reference profile, holdout AUC) of the current champion; the profile is cached on disk, one
+    per version and set of kind overrides (``DriftPolicy.kinds``)."""
     try:
         mv = client.get_model_version_by_alias(settings.model_name, CHAMPION)
     except Exception as error:
@@ -79,11 +98,12 @@ def champion_profile(settings: Settings, client: MlflowClient) -> tuple[str, Ref
     version = str(mv.version)
     run = client.get_run(mv.run_id)
     auc = run.data.metrics.get("eval_auc")
-    cache = settings.state / "monitor" / f"profile-{settings.model_name}-v{version}.json"
+    suffix = f"-kinds-{hashlib.sha256(repr(kinds).encode()).hexdigest()[:12]}" if kinds else ""
+    cache = settings.state / "monitor" / f"profile-{settings.model_name}-v{version}{suffix}.json"
     if cache.exists():
         return version, ReferenceProfile.from_json(cache.read_text()), auc
     path = mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/reference/reference.parquet")
-    profile = build_profile(pd.read_parquet(path), list(MODEL_FEATURES))
+    profile = build_profile(pd.read_parquet(path), list(MODEL_FEATURES), kinds=kinds)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(profile.to_json())
@@ -91,25 +111,44 @@ def champion_profile(settings: Settings, client: MlflowClient) -> tuple[str, Ref
     return version, profile, auc
 
 
-def latest_window(settings: Settings, rows: int) -> pd.DataFrame:
-    """The newest ``rows`` logged predictions (SQLite locally, PostgreSQL on a cluster)."""
-    frame = LogStore(settings).frame("SELECT * FROM predictions ORDER BY ts DESC LIMIT {p}", (rows,))
+def latest_window(settings: Settings, rows: int, version: str) -> pd.DataFrame:
+    """The newest ``rows`` predictions ``version`` of the model made, with their labels where they have
+    arrived (SQLite locally, PostgreSQL on a cluster)."""
+    frame = LogStore(settings).window(settings.model_name, version, rows)
     if not len(frame.columns):
-        return pd.DataFrame(columns=["ts", "model_version", "score", *MODEL_FEATURES])
+        return pd.DataFrame(columns=["ts", "model_version", "score", LABEL, *MODEL_FEATURES])
     return frame
+
+
+def served_performance(window: pd.DataFrame, min_labels: int) -> tuple[Metrics | None, int]:
+    """(metrics, labelled rows) of the window's labelled predictions; no metrics when fewer than
+    ``min_labels`` or one class only. The window is one version's, so the metrics are that version's."""
+    labels = pd.to_numeric(window[LABEL], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    scores = pd.to_numeric(window["score"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    labelled = np.isfinite(labels) & np.isfinite(scores)
+    count = int(labelled.sum())
+    if count < min_labels or np.unique(labels[labelled]).size < 2:
+        return None, count
+    channel = window["channel"][labelled].fillna("unknown") if "channel" in window.columns else None
+    return compute(labels[labelled].astype(np.int64), scores[labelled], channel), count
 
 
 def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
           retrain: Callable[[], str] | None = None) -> CheckResult:
-    """One check of the latest window; with ``retrain``, start a retraining when the guardrails allow."""
-    version, profile, champion_auc = champion_profile(settings, client)
-    window = latest_window(settings, policy.window_rows)
-    report = check_drift(profile, window, policy.drift)
-    served = None
-    if len(window):
-        since, until = float(window["ts"].min()), float(window["ts"].max()) + 1e-6
-        metrics = performance(settings, since, until, policy.min_labels)
-        served = metrics.auc if metrics else None
+    """One check of the champion's latest window; with ``retrain``, start a retraining when the guardrails
+    allow. Until the champion has ``window_rows`` logged predictions the verdict is ``waiting``: nothing is
+    judged or recorded, and nothing can start a retraining."""
+    drift_policy = policy.drift or DriftPolicy.from_settings(settings)
+    version, profile, champion_auc = champion_profile(settings, client, drift_policy.kinds)
+    window = latest_window(settings, policy.window_rows, version)
+    if len(window) < policy.window_rows:
+        return CheckResult(
+            window_id=f"{version}:{WAITING}", model_version=version, rows=len(window), verdict=WAITING,
+            drift_share=0.0, drifted_columns=(), prediction_drift=None, quality_issues={}, served_auc=None,
+            champion_auc=champion_auc, signal=False, reasons=(), window_size=policy.window_rows)
+    report = check_drift(profile, window, drift_policy)
+    metrics, labelled = served_performance(window, policy.min_labels)
+    served = metrics.auc if metrics else None
     reasons = []
     if report.verdict == "drift":
         reasons.append(f"drift in {len(report.drifted_columns)} of {len(report.columns)} columns "
@@ -124,7 +163,7 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
         state.record_window(window_id, bool(reasons), "; ".join(reasons))
     decision = None
     if retrain is not None and reasons:
-        decision = maybe_retrain(state, policy.trigger, retrain)
+        decision = maybe_retrain(state, policy.trigger, retrain, scope=f"{version}:")  # this champion's windows
     result = CheckResult(
         window_id=window_id, model_version=version, rows=len(window), verdict=report.verdict,
         drift_share=report.drift_share, drifted_columns=report.drifted_columns,
@@ -132,6 +171,7 @@ def check(settings: Settings, client: MlflowClient, policy: MonitorPolicy,
         quality_issues=report.quality_issues, served_auc=served, champion_auc=champion_auc,
         signal=bool(reasons), reasons=tuple(reasons), retraining=decision,
         column_scores={name: c.score for name, c in report.columns.items()},
+        window_size=policy.window_rows, labelled_rows=labelled, implausible_rows=report.implausible_rows,
     )
     if policy.dashboards:
         try:  # the dashboard is a view of the check: failing to record it must never fail the check
@@ -176,14 +216,16 @@ class MonitorMetrics:
                                    ["model", "outcome"], registry=registry)
 
     def observe(self, model: str, result: CheckResult) -> None:
+        self.last_check.labels(model).set(time.time())
+        self.checks.labels(model, result.verdict).inc()
+        if result.verdict == WAITING:  # nothing was judged: the last window's numbers stay
+            return
         self.drift_share.labels(model).set(result.drift_share)
         for feature, score in result.column_scores.items():
             if score is not None:
                 self.feature_score.labels(model, feature).set(score)
         if result.served_auc is not None:
             self.served_auc.labels(model).set(result.served_auc)
-        self.last_check.labels(model).set(time.time())
-        self.checks.labels(model, result.verdict).inc()
         if result.retraining is not None:
             self.retrainings.labels(model, result.retraining.outcome).inc()
 

@@ -108,11 +108,13 @@ class RetrainState(ABC):
             db.execute("INSERT INTO retrain_windows VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                        (window_id, self._now(db), int(signal), reason))
 
-    def claim(self, policy: TriggerPolicy) -> Decision:
-        """Decide, and if the answer is yes, take the single-flight claim in the same transaction."""
+    def claim(self, policy: TriggerPolicy, scope: str = "") -> Decision:
+        """Decide, and if the answer is yes, take the single-flight claim in the same transaction. ``scope``:
+        count only windows whose id starts with it (the monitor passes ``"<version>:"``, so the windows of a
+        champion that was replaced never count towards retraining its successor)."""
         with self._transaction(claim=True) as db:
-            recent = db.execute("SELECT id, signal FROM retrain_windows ORDER BY ts DESC, id DESC LIMIT ?",
-                                (policy.n,)).fetchall()
+            recent = db.execute("SELECT id, signal FROM retrain_windows WHERE substr(id, 1, ?) = ? "
+                                "ORDER BY ts DESC, id DESC LIMIT ?", (len(scope), scope, policy.n)).fetchall()
             signals = [w for w, s in recent if s]
             if len(signals) < policy.k:
                 return Decision(False, f"signal in {len(signals)} of the last {len(recent)} windows; "
@@ -297,10 +299,11 @@ class Heartbeat:
         self._thread.join()
 
 
-def maybe_retrain(state: RetrainState, policy: TriggerPolicy, run: Callable[[], str]) -> Decision:
-    """Claim and run one retraining if the guardrails allow it, renewing the claim while it runs; record
-    how it ended. A killed process records nothing: its lease expires and the windows are retried."""
-    decision = state.claim(policy)
+def maybe_retrain(state: RetrainState, policy: TriggerPolicy, run: Callable[[], str], scope: str = "") -> Decision:
+    """Claim and run one retraining if the guardrails allow it (counting the windows ``scope`` names),
+    renewing the claim while it runs; record how it ended. A killed process records nothing: its lease
+    expires and the windows are retried."""
+    decision = state.claim(policy, scope)
     if not decision.start or decision.attempt is None:
         return decision
     try:

@@ -16,6 +16,8 @@ import pandas as pd
 from driftloop.contracts import LABEL, TRANSACTION_ID
 from driftloop.settings import Settings
 
+VERSION_INDEX = "predictions_model_version_ts"
+
 
 class LogStore:
     def __init__(self, settings: Settings) -> None:
@@ -52,6 +54,22 @@ class LogStore:
                 return pd.DataFrame()
             self._labels_table(db)
             cursor = db.execute(sql.format(p=self.p), tuple(params))
+            return pd.DataFrame(cursor.fetchall(), columns=[d[0] for d in cursor.description])
+
+    def window(self, model_name: str, version: str, rows: int) -> pd.DataFrame:
+        """The newest ``rows`` predictions of one model version, with their label (null until it arrives).
+        An index on (model, version, ts) makes this one range scan however long the log grows; the first
+        call creates it."""
+        with self.connect() as db:
+            if not self.has(db, "predictions"):
+                return pd.DataFrame()
+            self._labels_table(db)
+            if not self.has(db, VERSION_INDEX):  # looked up first: PostgreSQL locks the table for CREATE INDEX
+                db.execute(f"CREATE INDEX IF NOT EXISTS {VERSION_INDEX} ON predictions (model_name, model_version, ts)")
+            cursor = db.execute(
+                f"SELECT p.*, l.{LABEL} FROM predictions p LEFT JOIN labels l ON p.{TRANSACTION_ID} = "  # noqa: S608
+                f"l.{TRANSACTION_ID} WHERE p.model_name = {self.p} AND p.model_version = {self.p} "
+                f"ORDER BY p.ts DESC LIMIT {self.p}", (model_name, version, rows))
             return pd.DataFrame(cursor.fetchall(), columns=[d[0] for d in cursor.description])
 
     def upsert_labels(self, rows: list[tuple[str, int]]) -> int:

@@ -3,6 +3,10 @@
 Each component runs in the project image (kfp is already installed there, so
 ``install_kfp_package=False`` keeps it offline) and its body is one call to ``run_step``, which calls
 ``pipelines.training``. Components pass JSON strings (URIs, ids, small records), never objects.
+
+No secret is a pipeline or component parameter (those are written into the compiled YAML and shown by the
+KFP UI): a component builds its settings from its pod's environment, which ``ClusterWiring`` fills from the
+chart's ConfigMap and Secret.
 """
 
 # No ``from __future__ import annotations`` here: KFP reads the component functions' annotations as types.
@@ -13,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from driftloop.settings import Settings, load_settings
+from driftloop.settings import Settings, load_settings, redact_logs
 from pipelines import training
 from pipelines.steps.features import TrainingSet
 from pipelines.steps.register import GatePolicy
@@ -46,7 +50,9 @@ def _dump(value: Any) -> str:
 
 def run_step(step: str, settings: Settings | None = None, **args: str) -> str:
     """One pipeline step from JSON-string arguments to a JSON-string result (a component's body)."""
-    settings = settings or load_settings()
+    if settings is None:  # a component: the settings of its pod's environment, masked in what it logs
+        settings = load_settings()
+        redact_logs(settings)
     config = config_from_json(args.get("config_json", ""))
     if step == "features":
         return _dump(training.features(settings, config.as_of))

@@ -3,6 +3,10 @@
 Data steps never cache (``NO_CACHE``): a rerun must read today's data. Retries only where a retry can
 help (store reads, the training run); validation and registration are not retried, since bad data stays
 bad and a registration must happen once.
+
+No flow takes the settings as a parameter: the Prefect server stores and shows a flow run's parameters, and
+the settings hold the stores' passwords. Each flow builds them from its worker's environment instead, where
+the passwords already are (the chart's Secret), and masks them in the logs it sends to the server.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from driftloop.settings import Settings
+from driftloop.settings import Settings, load_settings, redact_logs
 from pipelines import training
 from pipelines.training import TrainingConfig, TrainingResult
 
@@ -21,8 +25,16 @@ evaluate = task(training.evaluate, name="evaluate", retries=1, retry_delay_secon
 register = task(training.register, name="register", cache_policy=NO_CACHE)
 
 
+def _worker_settings() -> Settings:
+    """The settings of the process running the flow, from its environment."""
+    settings = load_settings()
+    redact_logs(settings)
+    return settings
+
+
 @flow(name="driftloop-training", validate_parameters=False)
-def training_flow(settings: Settings, config: TrainingConfig) -> TrainingResult:
+def training_flow(config: TrainingConfig) -> TrainingResult:
+    settings = _worker_settings()
     training_set = features(settings, config.as_of)
     report = validate(settings, training_set.uri, config.validation)
     run_id = train(settings, training_set, config.params)
@@ -31,13 +43,14 @@ def training_flow(settings: Settings, config: TrainingConfig) -> TrainingResult:
     return TrainingResult("prefect", training_set, report, run_id, metrics, decision)
 
 
-def run_prefect(settings: Settings, config: TrainingConfig) -> TrainingResult:
-    """Run the flow; call with ``prefect_environment`` already in ``os.environ``."""
-    return training_flow(settings, config)
+def run_prefect(config: TrainingConfig) -> TrainingResult:
+    """Run the flow in this process, on the settings of its environment; call with ``prefect_environment``
+    already in ``os.environ``."""
+    return training_flow(config)
 
 
 @flow(name="driftloop-batch-scoring", validate_parameters=False)
-def batch_scoring_flow(settings: Settings, input_path: str, output_path: str) -> dict:
+def batch_scoring_flow(input_path: str, output_path: str) -> dict:
     """Score a Parquet file with the champion (``serving.batch``), for a schedule or a deployment."""
     from dataclasses import asdict
     from pathlib import Path
@@ -45,7 +58,7 @@ def batch_scoring_flow(settings: Settings, input_path: str, output_path: str) ->
     from serving.batch import score_file
 
     scored = task(score_file, name="score", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-    return asdict(scored(settings, Path(input_path), Path(output_path)))
+    return asdict(scored(_worker_settings(), Path(input_path), Path(output_path)))
 
 
 RETRAINING = "driftloop-retraining"
@@ -55,9 +68,7 @@ RETRAINING_DEPLOYMENT = f"{RETRAINING}/{RETRAINING}"
 @flow(name=RETRAINING, validate_parameters=False)
 def retraining_flow() -> dict:
     """Retrain with the settings of the process serving the deployment (its environment), then gate."""
-    from driftloop.settings import load_settings
-
-    decision = training_flow(load_settings(), TrainingConfig()).decision
+    decision = training_flow(TrainingConfig()).decision
     return {"version": decision.version, "alias": decision.alias, "reason": decision.reason}
 
 

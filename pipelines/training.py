@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from driftloop.settings import Settings
+from driftloop.settings import Settings, redact_error
 from pipelines.steps import evaluate as evaluate_step
 from pipelines.steps import features as features_step
 from pipelines.steps import register as register_step
@@ -54,8 +55,20 @@ class TrainingResult:
         return asdict(self)
 
 
+@contextmanager
+def masked_errors(settings: Settings) -> Iterator[None]:
+    """A step's error leaves with its passwords masked: Prefect records its text as the task's state and a
+    KFP component prints it to the pod's log, and a store's client may quote the URL it could not reach."""
+    try:
+        yield
+    except Exception as error:
+        redact_error(error, settings)
+        raise  # the same error, its type and traceback kept
+
+
 def features(settings: Settings, as_of: datetime | None = None) -> TrainingSet:
-    return features_step.build_training_set(settings, as_of=as_of)
+    with masked_errors(settings):
+        return features_step.build_training_set(settings, as_of=as_of)
 
 
 def validate(settings: Settings, dataset_uri: str, policy: ValidationPolicy = ValidationPolicy()) -> ValidationReport:
@@ -64,18 +77,22 @@ def validate(settings: Settings, dataset_uri: str, policy: ValidationPolicy = Va
 
 
 def train(settings: Settings, training_set: TrainingSet, params: TrainParams = TrainParams()) -> str:
-    tracking.configure(settings)
-    return train_step.train(training_set.uri, training_set.feature_service, training_set.fingerprint, params)
+    with masked_errors(settings):
+        tracking.configure(settings)
+        return train_step.train(training_set.uri, training_set.feature_service, training_set.fingerprint, params)
 
 
 def evaluate(settings: Settings, run_id: str) -> Metrics:
-    tracking.configure(settings)
-    return evaluate_step.evaluate(run_id)
+    with masked_errors(settings):
+        tracking.configure(settings)
+        return evaluate_step.evaluate(run_id)
 
 
 def register(settings: Settings, run_id: str, gate: GatePolicy = GatePolicy()) -> Decision:
-    client = tracking.configure(settings)
-    return register_step.register(client, run_id, settings.model_name, gate)
+    with masked_errors(settings):
+        client = tracking.configure(settings)
+        lock = register_step.PromotionLock.for_settings(settings)
+        return register_step.register(client, run_id, settings.model_name, gate, lock=lock)
 
 
 def summary_of_run(settings: Settings, decision: dict, engine: str) -> dict:

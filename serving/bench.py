@@ -4,9 +4,13 @@ One champion (trained here on default-size data), single-row requests, the same 
 from a second process, one server at a time on this machine:
 
 - driftloop, full-feature requests and entity-only requests (Feast lookup);
-- ``mlflow models serve`` (``--env-manager local``);
+- ``mlflow models serve`` (``--env-manager local``), sent the README's request body unchanged;
 - MLServer with its MLflow runtime (what KServe runs for ``modelFormat: mlflow``), from its own venv
-  (``MLSERVER_PYTHON``: MLServer 1.7 needs a FastAPI older than Prefect accepts);
+  (``MLSERVER_PYTHON``: MLServer 1.7 needs a FastAPI older than Prefect accepts), sent the same row as v2
+  tensors, typed as its metadata for the model's signature says (numbers FP64, categories BYTES).
+
+The peers load the registered model itself: its pyfunc encodes the raw row (``pipelines/steps/pyfunc_model.py``),
+so every server answers the same request with the same probability.
 - two HTTP floors: a raw ASGI echo on uvicorn, and a FastAPI echo.
 
 Prints requests/s, p50 and p99 per server and the ratios. Numbers, not pass/fail.
@@ -28,14 +32,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from driftloop.contracts import MODEL_FEATURES
+from driftloop.contracts import BY_NAME
 from driftloop.settings import Settings
 
 MODEL = "driftloop-fraud"
 ROW = {"amount": 120.5, "channel": "online", "hour_of_day": 3, "distance_km": 12.0, "account_age_days": 634,
        "txn_count_7d": 26, "avg_amount_30d": 58.9, "chargeback_rate_90d": 0.0146,
-       "merchant_fraud_rate_30d": 0.00025, "merchant_category": "electronics"}
-ENCODED = [120.5, 1.0, 3.0, 12.0, 634.0, 26.0, 58.9, 0.0146, 0.00025, 3.0]  # to_model_frame(ROW)
+       "merchant_fraud_rate_30d": 0.0003, "merchant_category": "electronics"}  # the README's example row
 
 RAW_ECHO = '''
 async def app(scope, receive, send):
@@ -130,6 +133,14 @@ def post_script(folder: Path, name: str, body: dict) -> Path:
     return path
 
 
+def v2_input(name: str, value: object) -> dict:
+    """One feature as a v2 tensor, typed as MLServer's metadata for the model's signature says: a category
+    BYTES (MLServer decodes it to a string), a number FP64."""
+    if BY_NAME[name].kind == "category":
+        return {"name": name, "shape": [1], "datatype": "BYTES", "data": [value]}
+    return {"name": name, "shape": [1], "datatype": "FP64", "data": [float(value)]}
+
+
 class Bench:
     def __init__(self, work: Path, seconds: int, connections: int) -> None:
         self.work = work
@@ -187,12 +198,11 @@ def main(seconds: int = 10, connections: int = 8) -> None:
 
         port = free_port()
         uri = f"models:/{MODEL}@champion"
-        split = post_script(work, "split", {"dataframe_split": {"columns": list(MODEL_FEATURES), "data": [ENCODED]}})
         bench.measure("mlflow models serve",
                       [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", uri, "-p", str(port),
                        "-h", "127.0.0.1", "--env-manager", "local"],
                       f"http://127.0.0.1:{port}/ping", [("mlflow models serve", f"http://127.0.0.1:{port}/invocations",
-                                                         split)])
+                                                         full)])
 
         if mlserver_python:
             port = free_port()
@@ -204,9 +214,7 @@ def main(seconds: int = 10, connections: int = 8) -> None:
             (model_dir / "model-settings.json").write_text(json.dumps({
                 "name": MODEL, "implementation": "mlserver_mlflow.MLflowRuntime",
                 "parameters": {"uri": str(model_dir / "model")}}))
-            tensors = post_script(work, "v2", {"inputs": [
-                {"name": n, "shape": [1], "datatype": "FP32", "data": [v]} for n, v in zip(
-                    MODEL_FEATURES, ENCODED, strict=True)]})
+            tensors = post_script(work, "v2", {"inputs": [v2_input(name, value) for name, value in ROW.items()]})
             env = {**bench.env, "MLSERVER_HTTP_PORT": str(port), "MLSERVER_GRPC_PORT": str(free_port()),
                    "MLSERVER_METRICS_PORT": str(free_port()),
                    "PATH": f"{Path(mlserver_python).parent}:{os.environ['PATH']}"}

@@ -1,9 +1,16 @@
 """The inference log: every prediction, recorded durably off the hot path.
 
-Requests put records on a bounded in-memory queue (no I/O on the request path); one writer thread moves
-them to the sink in batches, one transaction each. ``close()`` drains the queue; a record that arrives
-after it (a request still in flight during shutdown) is written synchronously, so none is lost. If the
-queue is full the record is dropped and counted (``dropped``), never blocking a request.
+Requests put records on an in-memory queue (no I/O on the request path); one writer thread moves them to
+the sink in batches, one transaction each, as soon as they are queued (no timer: an idle writer takes the
+first record at once, a busy one takes everything that arrived during its last write). ``close()`` drains
+the queue; a record that arrives after it (a request still in flight during shutdown) is written
+synchronously, so a SIGTERM loses none.
+
+The queue holds at most ``max_rows`` records, counted from when a request hands them over until their
+batch is committed (the batch being written or retried included). A record beyond that is dropped and
+counted (``dropped``), never blocking a request. So a SIGKILL, or any crash, loses at most ``max_rows``
+answered predictions that were not counted as dropped: 10,000 by default (``driftloop serve
+--log-queue``). A committed record survives a SIGKILL (SQLite in WAL mode, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -123,16 +130,19 @@ def sink_for(settings) -> Sink:
 class InferenceLog:
     """Records go to a bounded queue (never blocking a request); one thread writes them in batches. While the
     store is away (``sink.transient`` errors) a batch is retried with backoff, for up to ``retry_s``, as the
-    queue keeps taking records; a batch the store refuses for its contents is dropped alone and counted."""
+    queue keeps taking records up to ``max_rows``; a batch the store refuses for its contents is dropped alone
+    and counted. At most ``max_rows`` records are unwritten at any time: what a SIGKILL can lose."""
 
-    def __init__(self, sink: Sink, max_queue: int = 100_000, batch: int = 1_000, retry_s: float = 300.0) -> None:
+    def __init__(self, sink: Sink, max_rows: int = 10_000, batch: int = 1_000, retry_s: float = 300.0) -> None:
         self._sink = sink
         self._retry_s = retry_s
         self.healthy = True  # the last write succeeded (readiness and /metrics show it)
-        self._queue: queue.Queue[list[Record] | None] = queue.Queue(maxsize=max_queue)
+        self.max_rows = max_rows
+        self._queue: queue.SimpleQueue[list[Record] | None] = queue.SimpleQueue()
+        self._pending = 0  # records handed over and not yet committed or dropped
         self._batch = batch
         self._closed = False
-        self._gate = threading.Lock()  # orders "closed" against puts: every put lands before the sentinel
+        self._gate = threading.Lock()  # orders "closed" against puts; guards the counts
         self._sink_lock = threading.Lock()
         self.dropped = 0
         self.written = 0
@@ -143,16 +153,18 @@ class InferenceLog:
         return self
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Records answered but not yet written (what a SIGKILL would lose now)."""
+        return self._pending
 
     def record(self, records: list[Record]) -> None:
-        """Hand records to the writer; never blocks (drops and counts when the queue is full)."""
+        """Hand records to the writer; never blocks (drops and counts beyond ``max_rows`` unwritten)."""
         with self._gate:
             if not self._closed:
-                try:
-                    self._queue.put_nowait(records)
-                except queue.Full:
+                if self._pending + len(records) > self.max_rows:
                     self.dropped += len(records)
+                else:
+                    self._pending += len(records)
+                    self._queue.put(records)
                 return
         self._write(records)  # shutting down: write now rather than lose it
 
@@ -168,10 +180,19 @@ class InferenceLog:
                 except queue.Empty:
                     break
                 if more is None:
-                    self._write(batch)
+                    self._flush(batch)
                     return
                 batch.extend(more)
-            self._write(batch)
+            self._flush(batch)
+
+    def _flush(self, batch: list[Record]) -> None:
+        self._write(batch)
+        with self._gate:
+            self._pending -= len(batch)
+
+    def _drop(self, n: int) -> None:
+        with self._gate:
+            self.dropped += n
 
     def _write(self, batch: list[Record]) -> None:
         started, delay = time.monotonic(), 0.2
@@ -193,13 +214,13 @@ class InferenceLog:
                 if time.monotonic() - started + delay > budget:
                     log.error("inference log: dropped %d records after %.0f s of retries", len(batch),
                               time.monotonic() - started)
-                    self.dropped += len(batch)
+                    self._drop(len(batch))
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
             except Exception:  # this batch's own fault (a value the store refuses): drop it alone, go on
                 log.exception("inference log: could not write %d records", len(batch))
-                self.dropped += len(batch)
+                self._drop(len(batch))
                 return
 
     def close(self, timeout: float = 30.0) -> None:

@@ -29,21 +29,32 @@ class Metrics:
         self.model_version = Gauge("driftloop_model_version", "version of the model answering", ["model"],
                                    registry=registry)
         self.reloads = Counter("driftloop_model_reloads", "champion swaps without restart", registry=registry)
+        self.load_failures = Counter("driftloop_model_load_failures", "failed loads of a model version "
+                                     "(corrupt or unreachable artifacts), by version", ["model", "version"],
+                                     registry=registry)
+        self.champion_broken = Gauge("driftloop_model_champion_broken", "1 for the champion version that cannot "
+                                     "be loaded while an earlier version is served", ["model", "version"],
+                                     registry=registry)
+        self.connections_closed = Counter("driftloop_connections_closed", "connections the server closed for "
+                                          "sending no request in time", ["reason"], registry=registry)
         self._registry = registry
 
     def watch_log(self, depth: Callable[[], int], dropped: Callable[[], int],
-                  healthy: Callable[[], bool] = lambda: True) -> None:
-        """Expose the inference log's queue depth, drops and health (read at scrape time)."""
-        self._registry.register(_LogCollector(depth, dropped, healthy))
+                  healthy: Callable[[], bool] = lambda: True, limit: int = 0) -> None:
+        """Expose the inference log's unwritten records, its limit, drops and health (read at scrape time)."""
+        self._registry.register(_LogCollector(depth, dropped, healthy, limit))
 
 
 class _LogCollector(Collector):
-    def __init__(self, depth: Callable[[], int], dropped: Callable[[], int], healthy: Callable[[], bool]) -> None:
-        self._depth, self._dropped, self._healthy = depth, dropped, healthy
+    def __init__(self, depth: Callable[[], int], dropped: Callable[[], int], healthy: Callable[[], bool],
+                 limit: int) -> None:
+        self._depth, self._dropped, self._healthy, self._limit = depth, dropped, healthy, limit
 
     def collect(self) -> Iterator:
-        yield GaugeMetricFamily("driftloop_inference_log_queue_depth", "records waiting to be written",
-                                value=self._depth())
+        yield GaugeMetricFamily("driftloop_inference_log_queue_depth", "records answered but not yet written "
+                                "(a SIGKILL loses these)", value=self._depth())
+        yield GaugeMetricFamily("driftloop_inference_log_queue_limit", "most records held unwritten; beyond it "
+                                "records are dropped and counted", value=self._limit)
         yield CounterMetricFamily("driftloop_inference_log_dropped", "records dropped (queue full or sink error)",
                                   value=self._dropped())
         yield GaugeMetricFamily("driftloop_inference_log_healthy", "1 when the last write succeeded, 0 while the "

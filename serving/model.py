@@ -4,6 +4,13 @@ It parses v1 and v2 payloads (``serving.payload``), fills Feast features for ent
 (``serving.features``), scores through the micro-batcher, records every prediction in the inference log
 and says in every response which model version answered. The champion is swapped atomically when the
 alias moves; a request keeps the version it started with.
+
+A champion that cannot be loaded (corrupt or unreachable artifacts) does not stop the server: a running one
+keeps the version it serves, and a starting one serves the newest earlier champion that loads (the chain
+of previous champions the gate tags on each promoted version, then older versions the gate promoted,
+rolled-back ones left out). Either way one log line says which version is served and why,
+``driftloop_model_champion_broken{version}`` is 1 and the readiness answer names the broken version; the
+champion is retried at every check and served once it loads.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import mlflow
 import numpy as np
 import xgboost as xgb
 from kserve import Model
@@ -23,8 +29,8 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from mlflow.tracking import MlflowClient
 
 from driftloop.contracts import BY_NAME, ENTITY_KEYS, MODEL_FEATURES, TRANSACTION_ID
-from pipelines.steps.register import CHAMPION
-from pipelines.steps.train import resolve_device
+from pipelines.steps.register import CHAMPION, TAG_PREVIOUS, RegistryError
+from pipelines.steps.train import load_booster, resolve_device
 from serving import payload
 from serving.batcher import MicroBatcher
 from serving.features import OnlineFeatures
@@ -72,11 +78,46 @@ def wait_for_champion(client: MlflowClient, model_name: str, timeout_s: float, p
 def load_champion(client: MlflowClient, model_name: str, device: str = "cpu") -> Champion:
     """The version behind ``@champion``, loaded as a native booster (not the pyfunc wrapper)."""
     mv = client.get_model_version_by_alias(model_name, CHAMPION)
-    model = mlflow.xgboost.load_model(f"models:/{model_name}/{mv.version}")
-    booster = model.get_booster() if hasattr(model, "get_booster") else model
+    return load_version(client, model_name, str(mv.version), device)
+
+
+def load_version(client: MlflowClient, model_name: str, version: str, device: str = "cpu") -> Champion:
+    """One registered version, loaded as a native booster: the model's booster file, not its pyfunc."""
+    mv = client.get_model_version(model_name, version)
+    booster = load_booster(f"models:/{model_name}/{version}")
     resolved = resolve_device(device)
     booster.set_param({"device": resolved, "nthread": 1})  # one request's rows: threads cost more than help
     return Champion(str(mv.version), mv.run_id or "", booster, resolved)
+
+
+# Version tags that pipelines.steps.register sets: the alias the gate gave a version at registration, a
+# promotion by hand, a rollback away from it, a registration still under way.
+TAG_GATE = "gate.decision"
+TAG_PROMOTION = "driftloop.promotion"
+TAG_ROLLED_BACK = "driftloop.rolled_back"
+TAG_REGISTRATION = "driftloop.registration"
+MAX_FALLBACKS = 5  # earlier champions a starting server tries before it gives up
+
+
+def earlier_champions(client: MlflowClient, model_name: str, version: str) -> list[str]:
+    """Versions that were champion before ``version``, newest first: its chain of previous champions, then
+    older versions the gate or a person promoted; versions rolled back or still being registered are left
+    out."""
+    tags = {str(mv.version): mv.tags or {} for mv in client.search_model_versions(f"name='{model_name}'")}
+    chain, current = [], version
+    while (previous := tags.get(current, {}).get(TAG_PREVIOUS)) and previous not in chain and previous != version:
+        chain.append(previous)
+        current = previous
+    promoted = [v for v in sorted(tags, key=int, reverse=True) if int(v) < int(version) and v not in chain
+                and (tags[v].get(TAG_GATE) == CHAMPION or TAG_PROMOTION in tags[v])]
+    return [v for v in chain + promoted if v in tags and tags[v].get(TAG_ROLLED_BACK) != "true"
+            and tags[v].get(TAG_REGISTRATION) != "pending"]
+
+
+def _why(error: BaseException) -> str:
+    """An error on one line, short enough for a log line, a label or a readiness answer."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 @dataclass(frozen=True)
@@ -111,24 +152,86 @@ class FraudModel(Model):
         self.max_instances = max_instances
         self._batcher = MicroBatcher(self._score, max_batch=max_batch, on_batch=metrics.batch_size.observe)
         self.champion: Champion | None = None
+        self.broken: tuple[str, str] | None = None  # (version, why) of a champion that cannot be loaded
 
     # lifecycle ------------------------------------------------------------------------------------
     def load(self) -> bool:
-        self.champion = load_champion(self._client, self._model_name, self._device)
-        self._metrics.model_version.labels(self.name).set(float(self.champion.version))
+        """Load the champion, or (if it cannot be loaded) the newest earlier champion that can."""
+        version = str(self._client.get_model_version_by_alias(self._model_name, CHAMPION).version)
+        try:
+            champion = load_version(self._client, self._model_name, version, self._device)
+        except Exception as error:
+            self._failed(version, error)
+            champion = self._earlier_than(version)
+            log.error("%s v%s, the champion, cannot be loaded (%s): serving v%s, the newest earlier champion that "
+                      "loads. Fix v%s's artifacts or run `driftloop rollback`; this server switches to the champion "
+                      "once it loads.", self._model_name, version, self.broken[1], champion.version, version)
+        self._serve(champion)
         self.ready = True
         return True
 
+    def _earlier_than(self, broken: str) -> Champion:
+        tried = [f"v{broken}: {self.broken[1]}"]
+        for version in earlier_champions(self._client, self._model_name, broken)[:MAX_FALLBACKS]:
+            try:
+                return load_version(self._client, self._model_name, version, self._device)
+            except Exception as error:
+                self._metrics.load_failures.labels(self.name, version).inc()
+                tried.append(f"v{version}: {_why(error)}")
+        raise RegistryError(f"no version of {self._model_name} can be loaded ({'; '.join(tried)}): fix the "
+                            "champion's artifacts or promote a new champion")
+
     def reload_if_moved(self) -> str | None:
-        """Load the new champion if the alias moved; return its version (None when unchanged)."""
+        """Load the new champion if the alias moved; return its version (None when unchanged, or when it
+        cannot be loaded: the served version stays, the failure is counted and the next check retries)."""
         version = str(self._client.get_model_version_by_alias(self._model_name, CHAMPION).version)
         if self.champion is not None and version == self.champion.version:
+            self._clear_broken()  # e.g. rolled back to the version served
             return None
-        fresh = load_champion(self._client, self._model_name, self._device)
-        self.champion = fresh  # one reference assignment: atomic for every request that reads it after
-        self._metrics.model_version.labels(self.name).set(float(fresh.version))
+        try:
+            fresh = load_version(self._client, self._model_name, version, self._device)
+        except Exception as error:
+            if self._failed(version, error):
+                log.error("%s v%s, the new champion, cannot be loaded (%s): still serving v%s, retrying at every "
+                          "check. Fix its artifacts or run `driftloop rollback`.", self._model_name, version,
+                          self.broken[1], self.champion.version if self.champion else "none")
+            return None
+        self._clear_broken()
+        self._serve(fresh)
         self._metrics.reloads.inc()
         return fresh.version
+
+    def _serve(self, champion: Champion) -> None:
+        self.champion = champion  # one reference assignment: atomic for every request that reads it after
+        self._metrics.model_version.labels(self.name).set(float(champion.version))
+
+    def _failed(self, version: str, error: BaseException) -> bool:
+        """Count a failed load of the champion ``version``; True the first time in a row for this version."""
+        self._metrics.load_failures.labels(self.name, version).inc()
+        if self.broken is not None and self.broken[0] == version:
+            return False
+        self._clear_broken()
+        self.broken = (version, _why(error))
+        self._metrics.champion_broken.labels(self.name, version).set(1)
+        return True
+
+    def _clear_broken(self) -> None:
+        if self.broken is not None:
+            self._metrics.champion_broken.remove(self.name, self.broken[0])
+            self.broken = None
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready once a version is loaded, with what is served, a champion that cannot be loaded, and the
+        inference log's state. An unhealthy log does not make the server unready: every replica shares the
+        store, so a store outage would take the whole service out of its Service's endpoints; the log
+        retries and counts what it drops (``driftloop_inference_log_*``) while predictions go on."""
+        detail = {"name": self.name, "ready": self.ready,
+                  "model_version": self.champion.version if self.champion else None,
+                  "inference_log": {"healthy": self._log.healthy, "unwritten": self._log.depth(),
+                                    "limit": self._log.max_rows, "dropped": self._log.dropped}}
+        if self.broken is not None:
+            detail["champion"] = {"version": self.broken[0], "loaded": False, "error": self.broken[1]}
+        return self.ready, detail
 
     def stop(self) -> None:
         self._log.close()
@@ -182,8 +285,9 @@ class FraudModel(Model):
 
     async def predict(self, body: dict | InferRequest, headers: dict[str, str] | None = None):
         """KServe's route (the fast path in ``serving.fastpath`` answers the same requests the same way)."""
-        request_id = (headers or {}).get("x-request-id") or (
-            body.id if isinstance(body, InferRequest) and body.id else None)
+        request_id = payload.request_id((headers or {}).get("x-request-id"), "the X-Request-Id header")
+        if isinstance(body, InferRequest):
+            request_id = request_id or payload.request_id(body.id, 'the v2 "id"')
         scored = await self.score(self.parse(body), request_id)
         if isinstance(body, InferRequest):
             output = InferOutput(OUTPUT, [len(scored.scores)], "FP32", scored.scores.tolist())

@@ -80,9 +80,9 @@ def postgres_server() -> Iterator[str]:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
+def redis_server(password: str | None = None) -> Iterator[str]:
     """A throwaway Redis (Debian's package) on a free loopback port, nothing persisted; yields the
-    Feast-style connection string ``127.0.0.1:PORT``."""
+    Feast-style connection string ``127.0.0.1:PORT`` (``…,password=PASSWORD`` when it requires one)."""
     import redis
 
     binary = shutil.which("redis-server")
@@ -90,10 +90,12 @@ def redis_server() -> Iterator[str]:
         raise RuntimeError("Redis is not installed: apt-get install redis-server")
     folder = Path(tempfile.mkdtemp(prefix="driftloop-redis-"))
     port = free_port()
+    auth = ["--requirepass", password] if password else []
     with (folder / "log").open("w") as out:
         proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(folder)], stdout=out, stderr=subprocess.STDOUT)
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+                                 "--appendonly", "no", "--dir", str(folder), *auth],
+                                stdout=out, stderr=subprocess.STDOUT)
+    client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -105,7 +107,7 @@ def redis_server() -> Iterator[str]:
             assert proc.poll() is None, f"redis-server exited: {(folder / 'log').read_text()[-2000:]}"
             assert time.monotonic() < deadline, "Redis did not start in 30 s"
             time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}" + (f",password={password}" if password else "")
     finally:
         client.close()
         proc.terminate()
@@ -137,7 +139,9 @@ def mlflow_server(backend_uri: str, artifacts_dir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     log = artifacts_dir.parent / f"mlflow-server-{port}.log"  # a file, not a pipe nobody reads: it would fill
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # job execution off, as the chart runs it: MLflow 3 otherwise starts a job runner and seven consumers
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         env.pop(key, None)
     with log.open("w") as out:
@@ -180,3 +184,18 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
         except subprocess.TimeoutExpired:
             continue
     proc.wait()
+
+
+def trained_state(state: Path) -> Path:
+    """Data, applied and materialized features and a champion (a small model) in ``state``: all a server needs."""
+    from driftloop.settings import Settings
+    from pipelines import training
+    from pipelines.steps import features, ingest
+    from pipelines.steps.train import TrainParams
+
+    settings = Settings(state_dir=state)
+    ingest.generate_to(TINY, settings.data_path)
+    features.apply(settings)
+    features.materialize(settings, end=AS_OF)
+    training.run_local(settings, training.TrainingConfig(as_of=AS_OF, params=TrainParams(n_estimators=60)))
+    return state

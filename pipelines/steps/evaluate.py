@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
 from driftloop.contracts import LABEL
-from pipelines.steps.train import TAG_DATASET, TAG_MODEL_URI, score, split_by_time
+from pipelines.steps.train import TAG_DATASET, TAG_MODEL_URI, load_booster, score, split_by_time
 
 SLICE_COLUMN = "channel"
 MIN_SLICE_CLASS = 5  # a slice needs this many of each class for its AUC to mean anything
@@ -76,8 +76,8 @@ def holdout(run_id: str) -> pd.DataFrame:
 
 
 def evaluate_model(model_uri: str, rows: pd.DataFrame) -> Metrics:
-    model = mlflow.xgboost.load_model(model_uri)
-    return compute(rows[LABEL].to_numpy(), score(model, rows), rows[SLICE_COLUMN])
+    """Metrics of the logged model on raw rows, scored as the server scores: the native booster."""
+    return compute(rows[LABEL].to_numpy(), score(load_booster(model_uri), rows), rows[SLICE_COLUMN])
 
 
 def evaluate(run_id: str) -> Metrics:

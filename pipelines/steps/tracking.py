@@ -2,34 +2,47 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from driftloop.settings import Settings
+from driftloop.settings import Settings, redact
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says what to check."""
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET ``<uri>/health``; a user and password in the URI (as MLflow's client sends them) become Basic auth,
+    since urllib would read ``user:password@host`` as the host's name."""
+    url = urlsplit(uri)
+    request = urllib.request.Request(  # noqa: S310 - the configured tracking server, http(s) only
+        urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[2], path=f"{url.path.rstrip('/')}/health")))
+    if url.username is not None or url.password is not None:
+        pair = f"{unquote(url.username or '')}:{unquote(url.password or '')}".encode()
+        request.add_header("Authorization", f"Basic {base64.b64encode(pair).decode()}")
+    return request
+
+
 def check_reachable(settings: Settings) -> None:
-    """Fail fast, with a clear message, when the tracking store is not there."""
+    """Fail fast, with a clear message (its password masked), when the tracking store is not there."""
     uri = settings.tracking_uri
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=settings.mlflow_timeout_s):  # noqa: S310
+            with urllib.request.urlopen(_health_request(uri), timeout=settings.mlflow_timeout_s):  # noqa: S310
                 return
-        except (urllib.error.URLError, OSError) as err:
-            raise TrackingError(
+        except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a port that is not a number
+            raise TrackingError(redact(
                 f"MLflow tracking server {uri} is unreachable ({err}). Start it, or point "
-                "DRIFTLOOP_MLFLOW_TRACKING_URI at a running one."
-            ) from err
+                "DRIFTLOOP_MLFLOW_TRACKING_URI at a running one.", settings)) from err  # err: no URL in its text
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         try:

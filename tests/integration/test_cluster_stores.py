@@ -61,24 +61,28 @@ def test_monitor_reads_windows_and_keeps_labels_in_postgres(postgres_dsn, tmp_pa
     from monitoring.monitor import latest_window
 
     settings = Settings(profile="cluster", mlflow_tracking_uri="http://mlflow:5000", data_dir=str(tmp_path),
-                        postgres_dsn=postgres_dsn, redis_url="127.0.0.1:6379", state_dir=tmp_path)
+                        postgres_dsn=postgres_dsn, redis_url="127.0.0.1:6379", state_dir=tmp_path, model_name="m")
     with psycopg.connect(postgres_dsn, autocommit=True) as db:
         db.execute("DROP TABLE IF EXISTS predictions")
         db.execute("DROP TABLE IF EXISTS labels")
-    assert latest_window(settings, 10).empty  # no log yet: an empty window, not an error
+    assert latest_window(settings, 10, "3").empty  # no log yet: an empty window, not an error
     log = InferenceLog(PostgresSink(postgres_dsn)).start()
     for i in range(300):
         log.record([(*record(i)[:-2], 0.9 if i % 3 == 0 else 0.1, 1.0)])
+    log.record([("other", 999.0, "m", "4", "t-other", 1, 2, *record(0)[7:])])  # another version's prediction
     log.close()
-    window = latest_window(settings, 100)
-    assert len(window) == 100 and window["ts"].iloc[0] == 300.0  # newest first
+    window = latest_window(settings, 100, "3")
+    assert len(window) == 100 and window["ts"].iloc[0] == 300.0  # newest first, of version 3 only
     assert window["channel"].iloc[0] == "pos" and pd.isna(window["distance_km"].iloc[0])
+    assert window["is_fraud"].isna().all()  # no labels yet
+    assert latest_window(settings, 100, "4")["transaction_id"].tolist() == ["t-other"]
     labels = pd.DataFrame({"transaction_id": [f"t{i}" for i in range(300)], "is_fraud": [int(i % 3 == 0)
                                                                                         for i in range(300)]})
     labels.to_parquet(tmp_path / "labels.parquet")
     summary = ingest(settings, tmp_path / "labels.parquet")
     assert summary.rows == 300 and summary.matched == 300
     assert ingest(settings, tmp_path / "labels.parquet").matched == 300  # idempotent
+    assert latest_window(settings, 100, "3")["is_fraud"].notna().all()  # the window carries its labels
     assert len(labelled_window(settings, since=100.0, until=200.0)) == 100
     metrics = performance(settings, min_labels=100)
     assert metrics is not None and metrics.auc == pytest.approx(1.0)
@@ -221,7 +225,7 @@ def test_the_cluster_loop_through_the_cli(postgres_dsn, redis_url, mlflow_url, m
         assert row == (name, champion.version, 7.0, 1.0, pytest.approx(body["predictions"][0], rel=1e-6))
         assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 1 + len(instances)
 
-    done = run_cli("monitor", "check", "--json", env=env)
+    done = run_cli("monitor", "check", "--json", "--window-rows", str(1 + len(instances)), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     check = json.loads(done.stdout)
     assert check["rows"] == 1 + len(instances) and check["model_version"] == champion.version

@@ -42,14 +42,14 @@ def traffic(stream: int, drift: str = "none", rows: int = 2_500) -> pd.DataFrame
     return tx.merge(cust, on=["customer_id", "day"]).merge(merch, on=["merchant_id", "day"])
 
 
-def serve(settings: Settings, frame: pd.DataFrame, score: np.ndarray | None = None) -> None:
+def serve(settings: Settings, frame: pd.DataFrame, score: np.ndarray | None = None, version: str = "1") -> None:
     log = InferenceLog(SqliteSink(settings.inference_log_path)).start()
     now = time.time()
     scores = score if score is not None else np.full(len(frame), 0.05)
     for i, row in enumerate(frame.itertuples(index=False)):
         values = [getattr(row, f) for f in MODEL_FEATURES]
         values = [None if isinstance(v, float) and np.isnan(v) else v for v in values]
-        log.record([(f"req-{row.transaction_id}", now + i * 1e-4, "driftloop-fraud", "1", row.transaction_id,
+        log.record([(f"req-{row.transaction_id}", now + i * 1e-4, "driftloop-fraud", version, row.transaction_id,
                      row.customer_id, row.merchant_id, *values, float(scores[i]), 1.0)])
     log.close()
 
@@ -99,9 +99,12 @@ def test_performance_drop_from_late_labels_is_a_signal(state):
     assert result.signal and any("served AUC" in r for r in result.reasons)
 
 
-def test_small_window_is_insufficient_data(state):
+def test_small_window_waits_and_a_full_small_one_is_insufficient_data(state):
     serve(state, traffic(stream=51).head(50))
     result = check(state, client_of(state), MonitorPolicy(), retrain=lambda: pytest.fail("must not retrain"))
+    assert result.verdict == "waiting" and not result.signal
+    assert result.status == "waiting: 50 of 2,000 rows of v1"
+    result = check(state, client_of(state), MonitorPolicy(window_rows=50), retrain=lambda: pytest.fail("no"))
     assert result.verdict == "insufficient_data" and not result.signal
 
 

@@ -89,6 +89,21 @@ def test_k_of_n_windows(where):
     assert decision.start and decision.key == window_key(["w3", "w1"])
 
 
+def test_only_the_champions_own_windows_count(where):
+    """Signals of a replaced champion never retrain its successor: the monitor scopes by version."""
+    state = open_state(where, Clock())
+    for w in ("1:a", "1:b"):
+        state.record_window(w, True)
+    state.record_window("2:c", False)
+    decision = state.claim(POLICY, scope="2:")
+    assert not decision.start and decision.outcome == "too_few_signals", decision
+    state.record_window("2:d", True)
+    assert not state.claim(POLICY, scope="2:").start  # one of v2's windows signals: k = 2 needs two
+    state.record_window("2:e", True)
+    decision = state.claim(POLICY, scope="2:")
+    assert decision.start and decision.key == window_key(["2:d", "2:e"]), decision
+
+
 def test_cooldown_and_single_flight(where):
     clock, state = two_signals(where)
     first = state.claim(POLICY)

@@ -21,9 +21,9 @@ from mlflow.tracking import MlflowClient
 from driftloop.contracts import FEAST_FEATURES, MODEL_FEATURES
 from driftloop.settings import Settings
 from pipelines import training
-from pipelines.steps import features, ingest
+from pipelines.steps import features
 from pipelines.steps.train import TrainParams
-from tests.helpers import AS_OF, TINY, free_port, wait_for_http
+from tests.helpers import AS_OF, free_port, trained_state, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -60,13 +60,7 @@ class Server:
 @pytest.fixture(scope="module")
 def state(tmp_path_factory) -> Path:
     """Data, applied and materialized features, and a champion: everything a server needs."""
-    state = tmp_path_factory.mktemp("serving-state")
-    settings = Settings(state_dir=state)
-    ingest.generate_to(TINY, settings.data_path)
-    features.apply(settings)
-    features.materialize(settings, end=AS_OF)
-    training.run_local(settings, training.TrainingConfig(as_of=AS_OF, params=TrainParams(n_estimators=60)))
-    return state
+    return trained_state(tmp_path_factory.mktemp("serving-state"))
 
 
 @pytest.fixture(scope="module")

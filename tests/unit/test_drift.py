@@ -31,6 +31,7 @@ from monitoring.drift import (
 pytestmark = pytest.mark.unit
 
 KINDS = {"x": NUMERICAL, "n": NUMERICAL, "c": CATEGORICAL}
+EXACT = DriftPolicy(clip_quantile=0.0)  # Evidently's formulas exactly: no clipping to the reference's quantiles
 
 
 def frame(n: int, seed: int, shift: float = 0.0, c_shares=(0.5, 0.3, 0.2)) -> pd.DataFrame:
@@ -62,7 +63,7 @@ def test_wasserstein_matches_scipy_with_ties_and_unequal_sizes():
 
 def test_scores_are_the_reference_formulas(reference, profile):
     current = frame(2_000, seed=1, shift=0.3, c_shares=(0.3, 0.3, 0.4))
-    report = check_drift(profile, current)
+    report = check_drift(profile, current, EXACT)
     x = report.columns["x"]
     expected = stats.wasserstein_distance(reference["x"], current["x"]) / np.std(reference["x"])
     assert (x.method, x.threshold, x.status) == ("wasserstein", 0.1, OK)
@@ -87,7 +88,7 @@ def test_same_distribution_is_no_drift(profile):
 
 def test_drift_share_threshold_is_a_parameter(profile):
     current = frame(2_000, seed=3, shift=0.5)  # only x drifts: share 1/3
-    assert check_drift(profile, current).verdict == NO_DRIFT
+    assert check_drift(profile, current, DriftPolicy(drift_share=0.5)).verdict == NO_DRIFT
     assert check_drift(profile, current, DriftPolicy(drift_share=0.3)).verdict == DRIFT
 
 
@@ -166,7 +167,7 @@ def test_large_references_are_summarised_by_quantiles_with_a_tiny_error():
     small = build_profile(ref, {"x": NUMERICAL}, max_sample=5_000)
     assert small.columns["x"].sample.size == 5_000 and not small.columns["x"].exact
     exact = stats.wasserstein_distance(ref["x"], cur["x"]) / np.std(ref["x"])
-    assert check_drift(small, cur).columns["x"].score == pytest.approx(exact, abs=2e-3)
+    assert check_drift(small, cur, EXACT).columns["x"].score == pytest.approx(exact, abs=2e-3)
 
 
 @pytest.mark.parametrize(("num", "cat"), [("psi", "psi"), ("jensenshannon", "jensenshannon")])
@@ -226,7 +227,7 @@ def test_cli_json_has_every_column_score_threshold_and_verdict(files):
     assert {"null_rate", "reference_null_rate", "out_of_range_share", "unseen_categories", "issues"} <= set(
         data["quality"]["x"])
     assert data["prediction"]["column"] == "prediction"
-    assert data["drift_share_threshold"] == 0.5
+    assert data["drift_share_threshold"] == 0.3  # the settings' policy, the monitor's
 
 
 def test_cli_human_output_and_options(files):

@@ -87,7 +87,7 @@ def record(i: int) -> tuple:
 
 
 def test_inference_log_writes_everything_and_after_close(tmp_path):
-    log = InferenceLog(SqliteSink(tmp_path / "log.db"), max_queue=10_000).start()
+    log = InferenceLog(SqliteSink(tmp_path / "log.db"), max_rows=10_000).start()
     threads = [threading.Thread(target=lambda k=k: [log.record([record(k * 1000 + i)]) for i in range(500)])
                for k in range(4)]
     for t in threads:
@@ -103,7 +103,7 @@ def test_inference_log_writes_everything_and_after_close(tmp_path):
 
 
 def test_inference_log_counts_what_it_sheds(tmp_path):
-    log = InferenceLog(SqliteSink(tmp_path / "log.db"), max_queue=2)  # writer not started: the queue fills
+    log = InferenceLog(SqliteSink(tmp_path / "log.db"), max_rows=2)  # writer not started: the queue fills
     for i in range(5):
         log.record([record(i)])
     assert log.depth() == 2 and log.dropped == 3

@@ -1,0 +1,122 @@
+"""``make bench-cli``: the CPU time (user + system) of each everyday command, next to ``python -c pass``
+and ``mlflow --version`` measured in the same run.
+
+It builds a throw-away local state (data, features, two trained versions, a running model server and a
+2,000-row window of logged predictions), then runs every command ``REPEATS`` times as a child process and
+keeps the lowest CPU time of each (CPU time, not wall time: the machine's other work barely moves it).
+Commands with a goal are marked against it. Nothing here is a test: no assertion, only a table.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPEATS = 3
+GOALS = {"config": 1.5, "predict": 1.5, "rollback": 1.5, "promote": 1.5, "monitor check": 5.0}
+
+
+def cpu_seconds(argv: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """(user + system CPU seconds, wall seconds, exit code) of one run of argv as a child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime, time.perf_counter() - started, child.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(argv: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.exit(f"error: `{' '.join(argv[1:])}` failed while setting up the benchmark:\n{done.stderr[-2000:]}")
+
+
+def main() -> None:
+    bin_dir = Path(sys.executable).parent
+    driftloop, mlflow = str(bin_dir / "driftloop"), str(bin_dir / "mlflow")
+    state = Path(tempfile.mkdtemp(prefix="driftloop-bench-cli-"))
+    env = dict(os.environ, DRIFTLOOP_STATE_DIR=str(state), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    port = free_port()
+    server = None
+    try:
+        print("setting up: data, features, two trainings, a server, 2,000 logged predictions …", flush=True)
+        for argv in (["data", "generate", "--rows", "20000"], ["features", "apply"], ["features", "materialize"],
+                     ["train"], ["train"]):
+            run([driftloop, *argv], env)
+        server = subprocess.Popen([driftloop, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            sys.exit("error: the model server did not become ready in 120 s")
+        rows = [{"customer_id": i % 2000, "merchant_id": i % 200, "amount": 20.0 + i % 300, "channel": "online",
+                 "hour_of_day": i % 24} for i in range(2000)]
+        with httpx.Client(timeout=30) as client:
+            for start in range(0, len(rows), 100):
+                client.post(f"{url}/v1/models/driftloop-fraud:predict",
+                            json={"instances": rows[start:start + 100]}).raise_for_status()
+        time.sleep(2)  # the inference log's writer commits off the request path
+
+        commands = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "mlflow --version": [mlflow, "--version"],
+            "config": [driftloop, "config"],
+            "predict": [driftloop, "predict", "--customer-id", "7", "--merchant-id", "3", "--amount", "120",
+                        "--url", url],
+            "rollback": [driftloop, "rollback"],
+            "promote": [driftloop, "promote", "2", "--force", "--reason", "benchmark"],
+            "monitor check": [driftloop, "monitor", "check", "--window-rows", "2000"],
+            "pipeline compile": [driftloop, "pipeline", "compile", "--out", str(state / "pipeline.yaml")],
+        }
+        # v2 the champion, so that every repetition's `rollback` (to v1) and `promote 2` (back) has a move
+        run([driftloop, "promote", "2", "--force", "--reason", "benchmark set-up"], env)
+        runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in commands}
+        for _ in range(REPEATS):
+            for name, argv in commands.items():
+                runs[name].append(cpu_seconds(argv, env))
+        results = {name: min(measured) for name, measured in runs.items()}
+        report(results)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def report(results: dict[str, tuple[float, float, int]]) -> None:
+    floor, peer = results["python -c pass"][0], results["mlflow --version"][0]
+    print(f"\nCPU time per command (user + system, best of {REPEATS}; one run, this machine)\n")
+    print("| command | CPU s | wall s | vs `mlflow --version` | goal |")
+    print("|---|---|---|---|---|")
+    for name, (cpu, wall, code) in results.items():
+        goal = GOALS.get(name)
+        mark = "" if goal is None else f"< {goal:g} s: {'met' if cpu < goal else 'missed'}"
+        failed = f" (exit {code})" if code else ""
+        print(f"| `{name}`{failed} | {cpu:.2f} | {wall:.2f} | {cpu / peer:.2f}x | {mark} |")
+    print(f"\nfloor: `python -c pass` {floor:.2f} CPU-s; peer: `mlflow --version` {peer:.2f} CPU-s")
+
+
+if __name__ == "__main__":
+    main()
