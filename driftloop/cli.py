@@ -72,6 +72,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from monitoring.demo import DemoError
     from monitoring.labels import LabelError
     from monitoring.monitor import MonitorError
+    from pipelines.kfp_pipeline import ComponentError
     from pipelines.steps.features import FeatureStoreError
     from pipelines.steps.register import RegistryError
     from pipelines.steps.tracking import TrackingError
@@ -79,7 +80,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from serving.batch import BatchError
 
     return (SettingsError, FeatureStoreError, TrackingError, DataValidationError, RegistryError, MonitorError,
-            LabelError, BatchError, DemoError, FileNotFoundError)
+            LabelError, BatchError, DemoError, ComponentError, FileNotFoundError)
 
 
 @contextmanager
@@ -99,6 +100,72 @@ def settings_or_fail() -> Settings:
         return load_settings()
     except SettingsError as error:
         fail(str(error))
+
+
+def _elsewhere(settings: Settings) -> str:
+    """What to set when a store is empty because the command looked in the wrong place."""
+    if settings.mlflow_tracking_uri:
+        return "or point DRIFTLOOP_MLFLOW_TRACKING_URI at the registry that has it"
+    return "or set DRIFTLOOP_STATE_DIR to the state dir that has it (run from another directory, a fresh one is used)"
+
+
+def registry_or_fail(settings: Settings, alias: str | None = "champion") -> Any:
+    """The tracking client once the registry holds the model (and ``alias``), else one line naming the registry.
+
+    A command run from another directory finds a fresh state dir: saying where it looked is the whole hint.
+    A local store that is not there yet is not created just to find it empty.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.steps import tracking
+
+    wanted = f"{settings.model_name}@{alias}" if alias else settings.model_name
+    missing = f"no {wanted} in the registry at {settings.tracking_uri}: train one first (`driftloop train`), " \
+              f"{_elsewhere(settings)}"
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        fail(missing)
+    with user_errors():
+        client = tracking.configure(settings)
+    try:
+        if alias:
+            client.get_model_version_by_alias(settings.model_name, alias)
+        elif not client.search_model_versions(f"name='{settings.model_name}'", max_results=1):
+            fail(missing)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        fail(missing)
+    return client
+
+
+def feature_sources_or_fail(settings: Settings) -> None:
+    """Read the schema of every feature view's Parquet source before Feast does: Feast's own failure on a
+    corrupt file or a missing column is a traceback from deep inside pandas."""
+    import pyarrow.parquet as pq
+    from feast import FeatureView
+
+    from pipelines.steps import features
+
+    if settings.data_path.startswith(("s3://", "gs://")):
+        return
+    with user_errors():
+        views = [v for v in vars(features.definitions(settings)).values() if isinstance(v, FeatureView)]
+    for view in views:
+        source = view.batch_source
+        path = Path(settings.data_path) / source.path
+        if not path.exists():
+            continue  # the step names every missing file, with the command that writes them
+        try:
+            columns = set(pq.read_schema(path).names)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError and more for a file that is not Parquet
+            fail(f"cannot read {path} ({type(error).__name__}: {str(error)[:200]}): regenerate it with "
+                 "`driftloop data generate`")
+        needed = [*view.join_keys, source.timestamp_field, source.created_timestamp_column,
+                  *(field.name for field in view.features)]
+        if lacking := [c for c in needed if c and c not in columns]:
+            fail(f"{path} lacks columns {', '.join(lacking)} (feature view {view.name}): regenerate it with "
+                 "`driftloop data generate`")
 
 
 def quiet_libraries() -> None:
@@ -195,6 +262,7 @@ def features_materialize() -> None:
 
     quiet_libraries()
     settings = settings_or_fail()
+    feature_sources_or_fail(settings)
     t0 = time.perf_counter()
     with user_errors():
         result = features.materialize(settings)
@@ -239,6 +307,7 @@ def train_cmd(
         gate=GatePolicy(min_auc=min_auc, margin=margin, slice_tolerance=slice_tolerance),
         as_of=as_of.replace(tzinfo=as_of.tzinfo or UTC) if as_of else None,
     )
+    feature_sources_or_fail(settings)
     t0 = time.perf_counter()
     with user_errors():
         result = _run_engine(engine, settings, config)
@@ -275,7 +344,7 @@ def _run_engine(engine: Engine, settings: Settings, config: Any) -> dict[str, An
     from pipelines.kfp_pipeline import run_kfp_local
 
     _progress("kfp", "running the pipeline with kfp.local (one subprocess per component)")
-    return run_kfp_local(settings, config)
+    return run_kfp_local(settings, config, progress=_progress)
 
 
 # pipeline -------------------------------------------------------------------------------------------
@@ -413,13 +482,12 @@ def monitor_check(
     """One drift and performance check on the champion's latest window of the inference log (the same
     drift policy as `driftloop drift compare`); a new champion's window fills before anything is judged."""
     from monitoring.monitor import check, retrain_for
-    from pipelines.steps import tracking
 
     quiet_libraries()
     settings = settings_or_fail()
     drift = drift_policy(settings, drift_share, num_threshold, cat_threshold, min_rows, clip_quantile, kind)
+    client = registry_or_fail(settings)
     with user_errors():
-        client = tracking.configure(settings)
         result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown, drift),
                        retrain_for(settings) if retrain else None)
     _print_check(result, as_json)
@@ -441,12 +509,11 @@ def monitor_run(
     from prometheus_client import start_http_server
 
     from monitoring.monitor import MonitorMetrics, run_forever
-    from pipelines.steps import tracking
 
     quiet_libraries()
     settings = settings_or_fail()
+    client = registry_or_fail(settings)
     with user_errors():
-        client = tracking.configure(settings)
         metrics = MonitorMetrics()
         if metrics_port is not None:
             start_http_server(metrics_port, addr=metrics_host)
@@ -491,6 +558,9 @@ def batch_score(
     settings = settings_or_fail()
     if engine is Engine.kfp:
         fail("batch scoring runs with --engine local or prefect")
+    if not input_path.exists():
+        fail(f"no input file at {input_path}")
+    registry_or_fail(settings)
     with user_errors():
         if engine is Engine.prefect:
             from pipelines import training
@@ -525,13 +595,12 @@ def rollback_cmd(
     reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "",
 ) -> None:
     """Put the previous champion back, or VERSION, with no gate (a running server switches at its next check)."""
-    from pipelines.steps import tracking
     from pipelines.steps.register import PromotionLock, rollback
 
     quiet_libraries()
     settings = settings_or_fail()
+    client = registry_or_fail(settings, alias=None)
     with user_errors():
-        client = tracking.configure(settings)
         move = rollback(client, settings.model_name, None if version is None else str(version),
                         lock=PromotionLock.for_settings(settings), by=_operator(), why=reason)
     out.print(table("rollback", {"model": settings.model_name, "champion": f"v{move.was} -> v{move.now}",
@@ -549,15 +618,14 @@ def promote_cmd(
     slice_tolerance: Annotated[float, typer.Option(help="gate: allowed per-slice AUC drop")] = 0.03,
 ) -> None:
     """Make VERSION the champion if the promotion gate passes it against the current one (or --force)."""
-    from pipelines.steps import tracking
     from pipelines.steps.register import GatePolicy, PromotionLock, promote
 
     if force and not reason.strip():
         fail("--force needs --reason WHY: a forced promotion is recorded on the version with who, when and why")
     quiet_libraries()
     settings = settings_or_fail()
+    client = registry_or_fail(settings, alias=None)
     with user_errors():
-        client = tracking.configure(settings)
         move = promote(client, settings.model_name, str(version),
                        GatePolicy(min_auc=min_auc, margin=margin, slice_tolerance=slice_tolerance),
                        lock=PromotionLock.for_settings(settings), by=_operator(),
@@ -595,6 +663,8 @@ def serve_cmd(
                            max_instances=max_instances, reload_interval_s=reload_interval,
                            feature_max_staleness_s=feature_staleness, log_queue=log_queue,
                            wait_for_champion_s=wait_for_champion)
+    if not wait_for_champion:
+        registry_or_fail(settings)
     with user_errors():
         serve(settings, options)
 
@@ -618,19 +688,36 @@ def predict_cmd(
                 "hour_of_day": hour_of_day, "distance_km": distance_km}
     verb = "explain" if explain else "predict"
     try:
+        url = url.rstrip("/")
         response = httpx.post(f"{url}/v1/models/{settings.model_name}:{verb}", json={"instances": [instance]},
                               timeout=10)
-    except httpx.HTTPError as error:
-        fail(f"no model server at {url} ({error}): start one with `driftloop serve`")
-    body = response.json()
-    if response.status_code != 200:
-        fail(f"{response.status_code}: {body.get('error', body)}")
-    rows = {"fraud probability": f"{body['predictions'][0]:.4f}", "model version": body["model_version"],
-            "entity found": body["entity_found"][0]}
-    if explain:
-        top = sorted(body["explanations"][0].items(), key=lambda kv: -abs(kv[1]))[:5]
-        rows["top contributions"] = ", ".join(f"{k} {v:+.3f}" for k, v in top)
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
+        fail(f"no model server at {url} ({error}): start one with `driftloop serve`, or pass its --url")
+    try:
+        body = response.json()
+    except ValueError:  # HTML, plain text, nothing: some other server
+        body = None
+    if response.status_code != 200 and isinstance(body, dict) and isinstance(body.get("error"), str):
+        fail(f"{url} answered {response.status_code}: {body['error']}")  # the model server's own 4xx/5xx
+    rows = _prediction_rows(body, explain)
+    if rows is None:
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        fail(f"{url} is not a driftloop model server (POST /v1/models/{settings.model_name}:{verb} answered "
+             f"{response.status_code}, {kind}): start one with `driftloop serve`, or pass its --url")
     out.print(table(f"{settings.model_name}:{verb}", rows))
+
+
+def _prediction_rows(body: Any, explain: bool) -> dict[str, str] | None:
+    """The summary of a model server's answer; None when the answer is not one (another server on the port)."""
+    try:
+        rows = {"fraud probability": f"{float(body['predictions'][0]):.4f}",
+                "model version": str(body["model_version"]), "entity found": str(body["entity_found"][0])}
+        if explain:
+            top = sorted(body["explanations"][0].items(), key=lambda kv: -abs(float(kv[1])))[:5]
+            rows["top contributions"] = ", ".join(f"{k} {float(v):+.3f}" for k, v in top)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
+    return rows
 
 
 @pipeline_app.command("serve")
@@ -684,30 +771,75 @@ def ui_cmd(
     if only is not None and only not in uis:
         fail(f"--only takes one of {', '.join(uis)}, not {only!r}")
     chosen = {name: ui for name, ui in uis.items() if only in (None, name)}
+    for name, (_, port, _) in chosen.items():
+        _port_free_or_fail(host, port, f"--{name}-port")
     if only is not None:  # one UI (a container's command): become it, so signals and logs go straight to it
         command, port, env = chosen[only]
-        out.print(f"{only:<10} http://{host}:{port}")
-        sys.stdout.flush()
         os.execve(command[0], command, {**os.environ, **env})  # noqa: S606 - a fixed argument list, no shell
-    procs = []
-    for name, (command, port, env) in chosen.items():
-        procs.append(subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        out.print(f"{name:<10} http://{host}:{port}")
-    out.print("Ctrl-C stops them.")
+    procs: dict[str, subprocess.Popen] = {}
+    stopping = False
 
     def stop(*_: object) -> None:
-        for proc in procs:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
             proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        for proc in procs:
+        for name, (command, _, env) in chosen.items():
+            procs[name] = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+        for name, (_, port, _) in chosen.items():  # a URL is printed once its UI answers, not before
+            if not _answers(host, port, procs[name], lambda: stopping):
+                if stopping:
+                    break
+                stop()
+                code = procs[name].poll()
+                fail(f"the {name} UI " + (f"exited ({code})" if code is not None else "did not answer in "
+                                          f"{UI_START_S:.0f} s") + f" on port {port}: run `driftloop ui --only "
+                     f"{name}` to see its output")
+            out.print(f"{name:<10} http://{host}:{port}")
+        if not stopping:
+            out.print("Ctrl-C stops them.")
+        for proc in procs.values():
             proc.wait()
     except KeyboardInterrupt:
         stop()
-        for proc in procs:
+        for proc in procs.values():
             proc.wait()
+
+
+UI_START_S = 180.0  # Prefect's server migrates its database on a first start
+
+
+def _port_free_or_fail(host: str, port: int, option: str) -> None:
+    """Fail, naming the option, when something already listens on ``port``: the UI would not start, and its
+    URL would show that other server."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is not taken
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            fail(f"port {port} on {host} is taken ({error.strerror}): stop what listens there, or choose another "
+                 f"with {option}")
+
+
+def _answers(host: str, port: int, proc: Any, stopping: Callable[[], bool]) -> bool:
+    """Wait until the UI at ``port`` answers HTTP; False when its process exits or it is too slow."""
+    import httpx
+
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host  # noqa: S104
+    deadline = time.monotonic() + UI_START_S
+    while proc.poll() is None and not stopping() and time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://{address}:{port}/", timeout=2)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    return False
 
 
 # wait-for -------------------------------------------------------------------------------------------

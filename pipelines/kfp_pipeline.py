@@ -10,12 +10,16 @@ chart's ConfigMap and Secret.
 """
 
 # No ``from __future__ import annotations`` here: KFP reads the component functions' annotations as types.
+import contextlib
+import io
 import json
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from driftloop.settings import Settings, load_settings, redact_logs
 from pipelines import training
@@ -179,16 +183,65 @@ def submit(settings: Settings, url: str, wiring: ClusterWiring, config: Training
     return run.run_id
 
 
-def run_kfp_local(settings: Settings, config: TrainingConfig) -> dict:
-    """Run the pipeline with ``kfp.local`` (subprocesses, this interpreter, no network)."""
+class ComponentError(RuntimeError):
+    """A component of a ``kfp.local`` run failed; the message is its own last error line and where its log is."""
+
+
+class _RunLog(io.TextIOBase):
+    """Where ``kfp.local`` prints (its logger, each component's output): a file, and a progress line per task.
+
+    kfp.local writes the executor's JSON and every component's logs to stdout (~40 lines a step), which would
+    bury the CLI's summary and break ``--json``; the whole of it stays in the file, for when a step fails.
+    """
+
+    TASK = re.compile(r"(Executing task|Task) '([\w-]+)'( finished with status (\w+))?")
+    COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, file: TextIO, progress: Callable[[str, str], None] | None) -> None:
+        self.file, self.progress = file, progress
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        if self.progress is not None and (match := self.TASK.search(self.COLOUR.sub("", text))):
+            step = match.group(2).removesuffix("-component")
+            if match.group(1) == "Executing task":
+                self.progress(step, "start")
+            elif match.group(4):
+                self.progress(step, match.group(4).lower())
+        return len(text)
+
+
+def _last_error(log: str) -> str:
+    """The last ``SomeError: message`` line a component printed (its traceback's end), or ''."""
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", log, flags=re.MULTILINE)
+    return f"{found[-1][0]}: {found[-1][1]}" if found else ""
+
+
+def run_kfp_local(settings: Settings, config: TrainingConfig,
+                  progress: Callable[[str, str], None] | None = None) -> dict:
+    """Run the pipeline with ``kfp.local`` (subprocesses, this interpreter, no network).
+
+    kfp.local's own output goes to ``<state>/kfp/last-run.log``; ``progress(step, what)`` hears each task
+    start and end. A failed component raises ``ComponentError`` with its last error line.
+    """
     from kfp import local
 
     root = settings.state / "kfp"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-               workspace_root=str(root / "workspace"))
     (root / "workspace").mkdir(parents=True, exist_ok=True)
-    task = build_pipeline(settings.image)(config_json=config_to_json(config))
+    log_path = root / "last-run.log"
+    with log_path.open("w") as log_file, contextlib.redirect_stdout(_RunLog(log_file, progress)), \
+            warnings.catch_warnings():
+        # The subprocess runner ignores the image (it runs this interpreter): the warning about it is noise.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                   workspace_root=str(root / "workspace"))
+        try:
+            task = build_pipeline(settings.image)(config_json=config_to_json(config))
+        except RuntimeError as error:  # kfp.local: "Task '…' finished with status FAILURE"
+            log_file.flush()
+            cause = _last_error(log_path.read_text()) or str(error)
+            raise ComponentError(f"{cause} (kfp.local's log: {log_path})") from error
     return training.summary_of_run(settings, json.loads(task.output), engine="kfp")
-
-
-
