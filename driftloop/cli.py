@@ -139,35 +139,6 @@ def registry_or_fail(settings: Settings, alias: str | None = "champion") -> Any:
     return client
 
 
-def feature_sources_or_fail(settings: Settings) -> None:
-    """Read the schema of every feature view's Parquet source before Feast does: Feast's own failure on a
-    corrupt file or a missing column is a traceback from deep inside pandas."""
-    import pyarrow.parquet as pq
-    from feast import FeatureView
-
-    from pipelines.steps import features
-
-    if settings.data_path.startswith(("s3://", "gs://")):
-        return
-    with user_errors():
-        views = [v for v in vars(features.definitions(settings)).values() if isinstance(v, FeatureView)]
-    for view in views:
-        source = view.batch_source
-        path = Path(settings.data_path) / source.path
-        if not path.exists():
-            continue  # the step names every missing file, with the command that writes them
-        try:
-            columns = set(pq.read_schema(path).names)
-        except Exception as error:  # pyarrow raises ArrowInvalid, OSError and more for a file that is not Parquet
-            fail(f"cannot read {path} ({type(error).__name__}: {str(error)[:200]}): regenerate it with "
-                 "`driftloop data generate`")
-        needed = [*view.join_keys, source.timestamp_field, source.created_timestamp_column,
-                  *(field.name for field in view.features)]
-        if lacking := [c for c in needed if c and c not in columns]:
-            fail(f"{path} lacks columns {', '.join(lacking)} (feature view {view.name}): regenerate it with "
-                 "`driftloop data generate`")
-
-
 def quiet_libraries() -> None:
     """Third-party INFO chatter would bury the summary; warnings still show."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -262,7 +233,6 @@ def features_materialize() -> None:
 
     quiet_libraries()
     settings = settings_or_fail()
-    feature_sources_or_fail(settings)
     t0 = time.perf_counter()
     with user_errors():
         result = features.materialize(settings)
@@ -307,7 +277,6 @@ def train_cmd(
         gate=GatePolicy(min_auc=min_auc, margin=margin, slice_tolerance=slice_tolerance),
         as_of=as_of.replace(tzinfo=as_of.tzinfo or UTC) if as_of else None,
     )
-    feature_sources_or_fail(settings)
     t0 = time.perf_counter()
     with user_errors():
         result = _run_engine(engine, settings, config)

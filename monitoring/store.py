@@ -72,24 +72,6 @@ class LogStore:
                 f"ORDER BY p.ts DESC LIMIT {self.p}", (model_name, version, rows))
             return pd.DataFrame(cursor.fetchall(), columns=[d[0] for d in cursor.description])
 
-    def upsert_labels(self, rows: list[tuple[str, int]]) -> int:
-        """Store labels (the latest for a transaction wins); return how many match logged predictions."""
-        with self.connect() as db:
-            self._labels_table(db)
-            insert = (f"INSERT INTO labels VALUES ({self.p}, {self.p}) ON CONFLICT ({TRANSACTION_ID}) "  # noqa: S608
-                      f"DO UPDATE SET {LABEL} = excluded.{LABEL}")
-            if self.postgres:
-                with db.cursor() as cursor:
-                    cursor.executemany(insert, rows)
-            else:
-                db.executemany(insert, rows)
-            if not self.has(db, "predictions"):
-                return 0
-            ids = [r[0] for r in rows]
-            marks = ", ".join([self.p] * len(ids))
-            return db.execute(f"SELECT COUNT(DISTINCT {TRANSACTION_ID}) FROM predictions "  # noqa: S608
-                              f"WHERE {TRANSACTION_ID} IN ({marks})", ids).fetchone()[0]
-
     @staticmethod
     def _labels_table(db: Any) -> None:
         db.execute(f"CREATE TABLE IF NOT EXISTS labels ({TRANSACTION_ID} TEXT PRIMARY KEY, {LABEL} INTEGER)")

@@ -68,6 +68,11 @@ def apply(settings: Settings, store: FeatureStore | None = None) -> list[str]:
 
 
 def _require_data(settings: Settings) -> None:
+    """Every feature view's Parquet source exists, reads as Parquet and has the columns the view needs:
+    checked before Feast reads them, whose own failure is a traceback from deep inside pandas."""
+    import pyarrow.parquet as pq
+    from feast import FeatureView
+
     if settings.data_path.startswith(("s3://", "gs://")):
         return
     missing = [n for n in ("customers", "merchants") if not (Path(settings.data_path) / f"{n}.parquet").exists()]
@@ -75,6 +80,21 @@ def _require_data(settings: Settings) -> None:
         raise FeatureStoreError(
             f"no {', '.join(missing)} data in {settings.data_path}: run `driftloop data generate` first"
         )
+    for view in (v for v in vars(definitions(settings)).values() if isinstance(v, FeatureView)):
+        source = view.batch_source
+        path = Path(settings.data_path) / source.path
+        if not path.exists():
+            continue
+        try:
+            columns = set(pq.read_schema(path).names)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError and more for a file that is not Parquet
+            raise FeatureStoreError(f"cannot read {path} ({type(error).__name__}: {str(error)[:200]}): "
+                                    "regenerate it with `driftloop data generate`") from None
+        needed = [*view.join_keys, source.timestamp_field, source.created_timestamp_column,
+                  *(field.name for field in view.features)]
+        if lacking := [c for c in needed if c and c not in columns]:
+            raise FeatureStoreError(f"{path} lacks columns {', '.join(lacking)} (feature view {view.name}): "
+                                    "regenerate it with `driftloop data generate`")
 
 
 def service(settings: Settings, store: FeatureStore) -> FeatureService:
