@@ -12,6 +12,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 DRIFTLOOP := $(VENV)/bin/driftloop
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2  # pytest-xdist processes; a module's tests stay in one (they share its servers)
 include infra/versions.env  # pinned Kubernetes tool and add-on versions (HELM_VERSION, …)
 
 ##@ Start here
@@ -26,7 +27,7 @@ demo: install ## The whole loop on this machine: train, serve, drift, retrain, n
 
 .PHONY: test
 test: install lint chart-tools system-deps ## Install everything pinned, lint, and run the whole test suite
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 .PHONY: system-deps
 system-deps: ## Chromium, redis-server and PostgreSQL for the tests (installed with apt as root, else named)

@@ -147,6 +147,15 @@ def quiet_libraries() -> None:
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "pip version" noise in uv venvs
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(GPU|pkg_resources).*")
+    # Feast puts a filter of its own first when imported ("once" for DeprecationWarning): the hook that
+    # shows warnings is where a library's later filters cannot bring its dependencies' notices back.
+    show = warnings.showwarning
+
+    def show_unless_deprecation(message, category, *args, **kwargs) -> None:
+        if not issubclass(category, DeprecationWarning):
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = show_unless_deprecation
 
 
 def table(title: str, rows: dict[str, Any]) -> Table:
@@ -289,12 +298,22 @@ def train_cmd(
     verdict = "[green]promoted to champion[/]" if decision["promoted"] else "[yellow]kept as challenger[/]"
     out.print(table(f"trained with engine={engine.value} in {seconds:.1f}s", {
         "training set": f"{result['training_set']['rows']:,} rows, fingerprint {result['training_set']['fingerprint']}",
+        "rows by source": _rows_by_source(result["training_set"]),
         "MLflow run": result["run_id"],
         "holdout AUC": f"{metrics['auc']:.4f} (PR-AUC {metrics['average_precision']:.4f})",
         "slice AUC": ", ".join(f"{k} {v:.3f}" for k, v in metrics["slices"].items()),
         "model": f"{settings.model_name} v{decision['version']}",
         "decision": f"{verdict}: {decision['reason']}",
     }))
+
+
+def _rows_by_source(training_set: dict[str, Any]) -> str:
+    """``7,200 generated + 1,450 traffic``, and the labelled traffic left out by reason, if any."""
+    rows = " + ".join(f"{n:,} {source}" for source, n in training_set.get("rows_by_source", {}).items()) or "-"
+    left_out = [f"{n:,} {reason.replace('_', ' ')}" for reason, n in training_set.get("left_out", {}).items() if n]
+    if left_out:
+        rows += "; traffic left out: " + ", ".join(left_out)
+    return rows
 
 
 def _run_engine(engine: Engine, settings: Settings, config: Any) -> dict[str, Any]:

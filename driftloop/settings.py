@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     retrain: Literal["local", "deployment"] = Field(
         "local", description="local: the Prefect flow in a child process; deployment: the driftloop-retraining "
         "deployment on the Prefect server at PREFECT_API_URL (`driftloop pipeline serve` runs it)")
+    traffic_rows_max: int = Field(
+        500_000, ge=0, description="a training set takes at most this many labelled served predictions, the "
+        "newest; 0: none, only the generated transactions")
 
     # Drift policy: one for `driftloop monitor` and `driftloop drift compare` (options override it per run)
     drift_share: float = Field(0.3, gt=0, le=1, description="a window drifts when this share of its features do")

@@ -1,6 +1,7 @@
 """Late labels: ground truth arrives after the prediction; joined to the inference log by transaction id.
 
-``ingest`` records labels (idempotent: a transaction's label is stored once, the latest wins);
+``ingest`` records labels and when they arrived (idempotent: a transaction's label is stored once, the latest
+wins, and keeps its first arrival time until its value changes);
 ``performance`` scores a window of logged predictions against the labels that have arrived.
 """
 
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
 from driftloop.contracts import LABEL, TRANSACTION_ID
 from driftloop.settings import Settings
-from monitoring.store import LogStore
+from monitoring.store import LABELLED_AT, LogStore
 from pipelines.steps.evaluate import Metrics, compute
 
 
@@ -92,13 +94,17 @@ def _checked(frame: pd.DataFrame, path: Path, first_row: int) -> pd.DataFrame:
                         ).drop_duplicates(TRANSACTION_ID, keep="last")
 
 
-def ingest(settings: Settings, path: Path, chunk_rows: int = CHUNK_ROWS) -> IngestSummary:
+def ingest(settings: Settings, path: Path, chunk_rows: int = CHUNK_ROWS,
+           arrived: datetime | None = None) -> IngestSummary:
     """Store the labels (all or none: one transaction) and say how many match logged predictions.
 
     The file goes through in chunks into a temporary table (PostgreSQL: ``COPY``), where a later label for an
     id replaces an earlier one; one statement then moves them into ``labels``. No statement carries more
-    than a row's parameters, so any number of labels fits.
+    than a row's parameters, so any number of labels fits. A new or changed label arrived at ``arrived``
+    (default now): a training set as of an earlier time does not use it; a label sent again unchanged
+    keeps the time it first arrived.
     """
+    arrived_s = (arrived or datetime.now(UTC)).timestamp()
     store = LogStore(settings)
     with store.connect() as db:
         store._labels_table(db)  # the store's own schema
@@ -118,10 +124,13 @@ def ingest(settings: Settings, path: Path, chunk_rows: int = CHUNK_ROWS) -> Inge
             db.execute(f"INSERT INTO labels_incoming SELECT {TRANSACTION_ID}, {LABEL} FROM labels_chunk WHERE true "  # noqa: S608
                        f"ON CONFLICT ({TRANSACTION_ID}) DO UPDATE SET {LABEL} = excluded.{LABEL}")
             db.execute("DELETE FROM labels_chunk")
-        # In id order, so two ingests at once lock shared rows in the same order and cannot deadlock.
-        db.execute(f"INSERT INTO labels ({TRANSACTION_ID}, {LABEL}) SELECT {TRANSACTION_ID}, {LABEL} "  # noqa: S608
-                   f"FROM labels_incoming WHERE true ORDER BY {TRANSACTION_ID} "
-                   f"ON CONFLICT ({TRANSACTION_ID}) DO UPDATE SET {LABEL} = excluded.{LABEL}")
+        # In id order, so two ingests at once lock shared rows in the same order and cannot deadlock. A row
+        # whose label is unchanged is left as it is: it keeps its arrival time (and PostgreSQL writes nothing).
+        db.execute(f"INSERT INTO labels ({TRANSACTION_ID}, {LABEL}, {LABELLED_AT}) "  # noqa: S608
+                   f"SELECT {TRANSACTION_ID}, {LABEL}, {store.p} FROM labels_incoming WHERE true "
+                   f"ORDER BY {TRANSACTION_ID} ON CONFLICT ({TRANSACTION_ID}) DO UPDATE SET {LABEL} = "
+                   f"excluded.{LABEL}, {LABELLED_AT} = excluded.{LABELLED_AT} WHERE labels.{LABEL} <> "
+                   f"excluded.{LABEL} OR labels.{LABELLED_AT} IS NULL", (arrived_s,))
         stored = db.execute("SELECT COUNT(*) FROM labels_incoming").fetchone()[0]
         matched = db.execute(f"SELECT COUNT(*) FROM labels_incoming WHERE {TRANSACTION_ID} IN "  # noqa: S608
                              f"(SELECT {TRANSACTION_ID} FROM predictions)").fetchone()[0] \

@@ -2,21 +2,31 @@
 
 The server writes ``predictions`` (``serving.inference_log``); the monitor reads windows of it and keeps
 ``labels`` beside it. The SQL is the common subset of both, with the driver's placeholder.
+
+A label records when it arrived (``labelled_at``, epoch seconds UTC), so that a training set as of a time uses
+only the labels known then. A store made before that column existed is migrated on first use: its labels
+are stamped with the migration time, the earliest time they are known to have arrived (stamping them
+earlier could put a label into a training set as of a time before it came). A label without a time (one
+that an older ``ingest`` wrote during an upgrade) is never trained on until it is ingested again.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
 
-from driftloop.contracts import LABEL, TRANSACTION_ID
+from driftloop.contracts import ENTITY_KEYS, LABEL, REQUEST_FEATURES, TRANSACTION_ID
 from driftloop.settings import Settings
 
 VERSION_INDEX = "predictions_model_version_ts"
+LABELLED_AT = "labelled_at"  # when a label arrived: epoch seconds, UTC
+TRAFFIC_COLUMNS = (TRANSACTION_ID, "ts", *ENTITY_KEYS, *(c.name for c in REQUEST_FEATURES), LABEL, LABELLED_AT,
+                   "repeats")
 
 
 class LogStore:
@@ -72,6 +82,44 @@ class LogStore:
                 f"ORDER BY p.ts DESC LIMIT {self.p}", (model_name, version, rows))
             return pd.DataFrame(cursor.fetchall(), columns=[d[0] for d in cursor.description])
 
-    @staticmethod
-    def _labels_table(db: Any) -> None:
-        db.execute(f"CREATE TABLE IF NOT EXISTS labels ({TRANSACTION_ID} TEXT PRIMARY KEY, {LABEL} INTEGER)")
+    def labelled_traffic(self, model_name: str, as_of: float, rows: int) -> pd.DataFrame:
+        """Training rows from the traffic: ``model_name``'s logged predictions made by ``as_of`` (epoch seconds)
+        whose label had arrived by then, as served (``TRAFFIC_COLUMNS``), the newest ``rows``.
+
+        One row per transaction, its first prediction; ``repeats`` counts its later ones, left out. A
+        prediction made after its transaction's label arrived is no record of the transaction the label is
+        about (a replayed id): it is not used. No log: an empty frame.
+        """
+        served = ", ".join(f"p.{c}" for c in (TRANSACTION_ID, "ts", *ENTITY_KEYS, *(f.name for f in REQUEST_FEATURES)))
+        frame = self.frame(
+            f"SELECT {', '.join(TRAFFIC_COLUMNS[:-1])}, scored - 1 AS repeats FROM ("  # noqa: S608 - constant names
+            f"SELECT {served}, l.{LABEL}, l.{LABELLED_AT}, "
+            f"ROW_NUMBER() OVER (PARTITION BY p.{TRANSACTION_ID} ORDER BY p.ts, p.request_id) AS nth, "
+            f"COUNT(*) OVER (PARTITION BY p.{TRANSACTION_ID}) AS scored "
+            f"FROM predictions p JOIN labels l ON p.{TRANSACTION_ID} = l.{TRANSACTION_ID} "
+            f"WHERE p.model_name = {{p}} AND p.ts <= {{p}} AND l.{LABELLED_AT} <= {{p}} AND p.ts <= l.{LABELLED_AT}"
+            f") served WHERE nth = 1 ORDER BY ts DESC, {TRANSACTION_ID} LIMIT {{p}}",
+            (model_name, as_of, as_of, rows))
+        return frame if len(frame.columns) else pd.DataFrame(columns=list(TRAFFIC_COLUMNS))
+
+    def _labels_table(self, db: Any) -> None:
+        """Create ``labels`` or migrate one made before ``labelled_at`` (see the module's docstring)."""
+        db.execute(f"CREATE TABLE IF NOT EXISTS labels ({TRANSACTION_ID} TEXT PRIMARY KEY, {LABEL} INTEGER, "
+                   f"{LABELLED_AT} DOUBLE PRECISION)")  # SQLite reads DOUBLE PRECISION as REAL
+        if self._has_column(db, "labels", LABELLED_AT):
+            return
+        try:  # PostgreSQL: IF NOT EXISTS, for a migration that another process finished while this one waited
+            db.execute(f"ALTER TABLE labels ADD COLUMN {'IF NOT EXISTS ' if self.postgres else ''}"
+                       f"{LABELLED_AT} DOUBLE PRECISION")
+        except sqlite3.OperationalError:
+            if self._has_column(db, "labels", LABELLED_AT):  # another process migrated it first
+                return
+            raise
+        db.execute(f"UPDATE labels SET {LABELLED_AT} = {self.p} WHERE {LABELLED_AT} IS NULL",  # noqa: S608
+                   (time.time(),))
+
+    def _has_column(self, db: Any, table: str, column: str) -> bool:
+        if self.postgres:
+            return db.execute("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s "
+                              "AND NOT attisdropped", (table, column)).fetchone() is not None
+        return any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})"))

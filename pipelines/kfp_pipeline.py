@@ -7,6 +7,11 @@ Each component runs in the project image (kfp is already installed there, so
 No secret is a pipeline or component parameter (those are written into the compiled YAML and shown by the
 KFP UI): a component builds its settings from its pod's environment, which ``ClusterWiring`` fills from the
 chart's ConfigMap and Secret.
+
+Lineage: the train component gets the pipeline run's id and name from KFP's placeholders and tags the MLflow
+run with them (``driftloop.kfp.run_id``, ``driftloop.kfp.run_name``). On a KFP server they are the run's UUID
+(what ``submit`` returns) and its display name; ``kfp.local`` gives a random number and
+``driftloop-training-<local time>``, the run's folder under ``<state>/kfp/``.
 """
 
 # No ``from __future__ import annotations`` here: KFP reads the component functions' annotations as types.
@@ -23,6 +28,7 @@ from typing import Any, TextIO
 
 from driftloop.settings import Settings, load_settings, redact_logs
 from pipelines import training
+from pipelines.steps import tracking
 from pipelines.steps.features import TrainingSet
 from pipelines.steps.register import GatePolicy
 from pipelines.steps.train import TrainParams
@@ -64,7 +70,8 @@ def run_step(step: str, settings: Settings | None = None, **args: str) -> str:
     if step == "validate":
         return _dump(training.validate(settings, training_set.uri, config.validation))
     if step == "train":
-        return json.dumps(training.train(settings, training_set, config.params))
+        origin = tracking.origin_tags("kfp", run_id=args.get("kfp_run_id"), run_name=args.get("kfp_run_name"))
+        return json.dumps(training.train(settings, training_set, config.params, origin))
     run_id = json.loads(args["run_id"])
     if step == "evaluate":
         return _dump(training.evaluate(settings, run_id))
@@ -86,10 +93,11 @@ def validate_component(training_set: str, config_json: str) -> str:
     return run_step("validate", training_set=training_set, config_json=config_json)
 
 
-def train_component(training_set: str, config_json: str) -> str:
+def train_component(training_set: str, config_json: str, kfp_run_id: str, kfp_run_name: str) -> str:
     from pipelines.kfp_pipeline import run_step
 
-    return run_step("train", training_set=training_set, config_json=config_json)
+    return run_step("train", training_set=training_set, config_json=config_json, kfp_run_id=kfp_run_id,
+                    kfp_run_name=kfp_run_name)
 
 
 def evaluate_component(run_id: str) -> str:
@@ -147,7 +155,9 @@ def build_pipeline(image: str, wiring: ClusterWiring | None = None) -> Callable:
     def pipeline(config_json: str = "{}") -> str:
         features = features_op(config_json=config_json)
         validated = validate_op(training_set=features.output, config_json=config_json)
-        trained = train_op(training_set=features.output, config_json=config_json).after(validated)
+        trained = train_op(training_set=features.output, config_json=config_json,
+                           kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                           kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).after(validated)
         evaluated = evaluate_op(run_id=trained.output)
         registered = register_op(run_id=trained.output, config_json=config_json).after(evaluated)
         for task in (features, validated, trained, evaluated, registered):

@@ -7,16 +7,24 @@ bad and a registration must happen once.
 No flow takes the settings as a parameter: the Prefect server stores and shows a flow run's parameters, and
 the settings hold the stores' passwords. Each flow builds them from its worker's environment instead, where
 the passwords already are (the chart's Secret), and masks them in the logs it sends to the server.
+
+Lineage: the MLflow run of a training carries this flow run's id and name (``driftloop.prefect.*`` tags), and
+the flow run shows the gate's decision as its artifact ``gate-decision``.
 """
 
 from __future__ import annotations
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from driftloop.settings import Settings, load_settings, redact_logs
 from pipelines import training
+from pipelines.steps import tracking
 from pipelines.training import TrainingConfig, TrainingResult
+
+GATE_ARTIFACT = "gate-decision"  # the key of a training's gate decision (Prefect's Artifacts page)
 
 features = task(training.features, name="features", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 validate = task(training.validate, name="validate", cache_policy=NO_CACHE)
@@ -37,9 +45,12 @@ def training_flow(config: TrainingConfig) -> TrainingResult:
     settings = _worker_settings()
     training_set = features(settings, config.as_of)
     report = validate(settings, training_set.uri, config.validation)
-    run_id = train(settings, training_set, config.params)
+    origin = tracking.origin_tags("prefect", flow_run_id=flow_run.id, flow_run_name=flow_run.name)
+    run_id = train(settings, training_set, config.params, origin)
     metrics = evaluate(settings, run_id)
     decision = register(settings, run_id, config.gate)
+    create_markdown_artifact(training.gate_report(decision, settings.model_name), key=GATE_ARTIFACT,
+                             description=f"{settings.model_name} v{decision.version}: {decision.alias}")
     return TrainingResult("prefect", training_set, report, run_id, metrics, decision)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -22,7 +22,7 @@ from pipelines.steps import register as register_step
 from pipelines.steps import tracking
 from pipelines.steps import train as train_step
 from pipelines.steps import validate as validate_step
-from pipelines.steps.evaluate import Metrics
+from pipelines.steps.evaluate import SLICE_COLUMN, Metrics
 from pipelines.steps.features import TrainingSet
 from pipelines.steps.register import Decision, GatePolicy
 from pipelines.steps.train import TrainParams
@@ -76,10 +76,14 @@ def validate(settings: Settings, dataset_uri: str, policy: ValidationPolicy = Va
     return validate_step.validate_training_set(dataset_uri, policy)
 
 
-def train(settings: Settings, training_set: TrainingSet, params: TrainParams = TrainParams()) -> str:
+def train(settings: Settings, training_set: TrainingSet, params: TrainParams = TrainParams(),
+          origin: Mapping[str, str] | None = None) -> str:
+    """Train; ``origin`` (``tracking.origin_tags``: the engine, the orchestrator's run) goes on the run as tags."""
     with masked_errors(settings):
-        tracking.configure(settings)
-        return train_step.train(training_set.uri, training_set.feature_service, training_set.fingerprint, params)
+        client = tracking.configure(settings)
+        run_id = train_step.train(training_set.uri, training_set.feature_service, training_set.fingerprint, params)
+        tracking.tag_run(client, run_id, origin or {})
+        return run_id
 
 
 def evaluate(settings: Settings, run_id: str) -> Metrics:
@@ -106,7 +110,8 @@ def summary_of_run(settings: Settings, decision: dict, engine: str) -> dict:
         "engine": engine,
         "training_set": {"uri": tags[train_step.TAG_DATASET], "fingerprint": tags[train_step.TAG_FINGERPRINT],
                          "feature_service": tags[train_step.TAG_FEATURE_SERVICE],
-                         "rows": int(metrics["train_rows"] + metrics["holdout_rows"])},
+                         "rows": int(metrics["train_rows"] + metrics["holdout_rows"]),
+                         "rows_by_source": {s: int(metrics.get(f"rows_{s}", 0)) for s in train_step.SOURCES}},
         "run_id": decision["run_id"],
         "metrics": mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/evaluation.json"),
         "decision": decision,
@@ -133,10 +138,38 @@ def run_local(settings: Settings, config: TrainingConfig = TrainingConfig(),
     tracking.configure(settings)  # fail fast on an unreachable store, before any work
     training_set = timed("features", features, settings, config.as_of)
     report = timed("validate", validate, settings, training_set.uri, config.validation)
-    run_id = timed("train", train, settings, training_set, config.params)
+    run_id = timed("train", train, settings, training_set, config.params, tracking.origin_tags("local"))
     metrics = timed("evaluate", evaluate, settings, run_id)
     decision = timed("register", register, settings, run_id, config.gate)
     return TrainingResult("local", training_set, report, run_id, metrics, decision, seconds)
+
+
+def gate_report(decision: Decision, model_name: str) -> str:
+    """The gate's decision as Markdown, for a person: the verdict, why, and the AUCs it compared, overall and
+    per slice (the champion's re-scored on the candidate's holdout; no column when there was none)."""
+    verdict = "promoted to champion" if decision.promoted else f"kept as {decision.alias}"
+    columns = {f"candidate v{decision.version}": decision.candidate}
+    if decision.champion is not None:
+        columns[f"champion v{decision.champion_version}"] = decision.champion
+    slice_prefix = f"auc_{SLICE_COLUMN}_"
+    slices = sorted({key for metrics in columns.values() for key in metrics if key.startswith(slice_prefix)})
+    rows = [("AUC", "auc"), ("PR-AUC", "average_precision"),
+            *((f"AUC, {SLICE_COLUMN} {key.removeprefix(slice_prefix)}", key) for key in slices)]
+
+    def cell(metrics: dict[str, float], key: str) -> str:
+        return f"{metrics[key]:.4f}" if key in metrics else "n/a"
+
+    lines = [f"## {model_name} v{decision.version}: {verdict}", ""]
+    if decision.failed_checks:
+        lines += ["Failed checks:", *(f"- {check}" for check in decision.failed_checks)]
+    else:
+        lines.append(f"Why: {decision.reason}")
+    lines += ["", f"| | {' | '.join(columns)} |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {label} | {' | '.join(cell(metrics, key) for metrics in columns.values())} |" for label, key in rows]
+    if decision.orphans_removed:
+        lines += ["", f"Removed versions that killed registrations had left: {', '.join(decision.orphans_removed)}."]
+    lines += ["", f"MLflow run `{decision.run_id}` (its artifact `gate.json` holds the whole decision)."]
+    return "\n".join(lines)
 
 
 def prefect_environment(settings: Settings) -> dict[str, str]:

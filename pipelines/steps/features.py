@@ -1,23 +1,48 @@
-"""Features: the Feast store from settings, apply, materialize, and the point-in-time training set."""
+"""Features: the Feast store from settings, apply, materialize, and the point-in-time training set.
+
+A training set's rows come from two sources: the generated transactions (``transactions.parquet`` in the
+data dir) and the traffic, the served predictions of the inference log whose late label has arrived.
+Both go through one point-in-time join with the FeatureService, so a traffic row gets its customer's and
+merchant's features as of the moment it was scored, and its request features as they were logged.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from string import Template
 from types import ModuleType
 
+import numpy as np
 import pandas as pd
 import yaml
 from feast import FeatureService, FeatureStore
 from feast.repo_config import RepoConfig
 
-from driftloop.contracts import ENTITY_KEYS, LABEL, LABEL_TIMESTAMP, REQUEST_FEATURES, TIMESTAMP, TRANSACTION_ID
+from driftloop.contracts import (
+    ENTITY_KEYS,
+    FEAST_FEATURES,
+    LABEL,
+    LABEL_TIMESTAMP,
+    REQUEST_FEATURES,
+    TIMESTAMP,
+    TRANSACTION_ID,
+)
 from driftloop.settings import Settings
+from monitoring.store import LABELLED_AT, LogStore
+
+# The training set's column that says where each row came from (``pipelines.steps.train`` counts and drops it).
+SOURCE = "source"
+GENERATED = "generated"  # transactions.parquet
+TRAFFIC = "traffic"  # served predictions joined with their late labels
+# Why a labelled served prediction is left out of a training set.
+DUPLICATE = "duplicate"  # a transaction scored again, or one the generated transactions already hold
+IMPLAUSIBLE = "implausible"  # a request feature the data contract rules out
+NO_FEATURES = "no_features"  # no customer or merchant features as of its time (or no entity key at all)
 
 
 class FeatureStoreError(RuntimeError):
@@ -124,6 +149,8 @@ class TrainingSet:
     rows: int
     fingerprint: str
     feature_service: str
+    rows_by_source: dict[str, int] = field(default_factory=dict)  # GENERATED, TRAFFIC
+    left_out: dict[str, int] = field(default_factory=dict)  # labelled traffic not used, by reason
 
 
 def fingerprint(frame: pd.DataFrame) -> str:
@@ -134,11 +161,68 @@ def fingerprint(frame: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
+def implausible(frame: pd.DataFrame) -> np.ndarray:
+    """Rows with a request feature the data contract rules out: not finite, outside its range, not a whole
+    number where it counts something, a category it does not know, or missing where it allows no nulls.
+    Served traffic is what any client sent: a few such rows would fail the whole training set's validation,
+    and many could steer the model."""
+    bad = np.zeros(len(frame), dtype=bool)
+    for col in REQUEST_FEATURES:
+        values = frame[col.name]
+        missing = values.isna().to_numpy()
+        if col.kind == "category":
+            bad |= ~missing & ~values.isin(col.categories).to_numpy()
+        else:
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            with np.errstate(invalid="ignore"):
+                fine = (numbers >= col.low) & (numbers <= col.high)  # False for NaN and +-inf
+                if col.kind == "int":
+                    fine &= np.mod(numbers, 1.0) == 0.0
+            bad |= ~missing & ~fine
+        if col.max_null_rate == 0.0:
+            bad |= missing
+    return bad
+
+
+def traffic_rows(settings: Settings, as_of: datetime, known_ids: pd.Series,
+                 like: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Entity rows from the labelled traffic as of ``as_of`` (``LogStore.labelled_traffic``), typed as ``like``
+    (the generated rows), and the rows left out by reason. A transaction in ``known_ids`` is already a
+    generated row: its served copy is left out, so each transaction counts once."""
+    left_out = {DUPLICATE: 0, IMPLAUSIBLE: 0, NO_FEATURES: 0}
+    if settings.traffic_rows_max == 0:
+        return like.iloc[:0], left_out
+    served = LogStore(settings).labelled_traffic(settings.model_name, as_of.timestamp(), settings.traffic_rows_max)
+    left_out[DUPLICATE] = int(served["repeats"].sum())
+    known = served[TRANSACTION_ID].isin(known_ids).to_numpy()
+    keys = served[list(ENTITY_KEYS)].apply(pd.to_numeric, errors="coerce")
+    # The log keeps keys as doubles: beyond 2^53 they are not the ids that were sent.
+    keyless = ~((keys >= 0) & (keys <= 2**53) & (keys % 1 == 0)).all(axis=1).to_numpy()
+    bad = implausible(served) & ~known & ~keyless
+    left_out[DUPLICATE] += int(known.sum())
+    left_out[NO_FEATURES] += int((keyless & ~known).sum())
+    left_out[IMPLAUSIBLE] = int(bad.sum())
+    served = served[~(known | keyless | bad)]
+    rows = pd.DataFrame({
+        TRANSACTION_ID: served[TRANSACTION_ID].astype(str),
+        **{k: served[k].astype(np.int64) for k in ENTITY_KEYS},
+        TIMESTAMP: pd.to_datetime(served["ts"].astype(np.float64), unit="s", utc=True),
+        **{c.name: served[c.name] if c.kind == "category" else pd.to_numeric(served[c.name]) for c in REQUEST_FEATURES},
+        LABEL: served[LABEL].astype(like[LABEL].dtype),
+        LABEL_TIMESTAMP: pd.to_datetime(served[LABELLED_AT].astype(np.float64), unit="s", utc=True),
+    })
+    rows = rows.astype({TIMESTAMP: like[TIMESTAMP].dtype, LABEL_TIMESTAMP: like[LABEL_TIMESTAMP].dtype})
+    return rows[list(like.columns)].reset_index(drop=True), left_out
+
+
 def build_training_set(settings: Settings, as_of: datetime | None = None,
                        store: FeatureStore | None = None) -> TrainingSet:
     """Point-in-time join of labelled transactions with the FeatureService; written as Parquet.
 
-    Only transactions whose label had arrived by ``as_of`` (default: now) are used.
+    The transactions are the generated ones and the labelled traffic (``traffic_rows``, at most
+    ``settings.traffic_rows_max``, the newest), each only if its label had arrived by ``as_of`` (default:
+    now); the column ``SOURCE`` says which. Traffic rows the contract rules out or the offline store has no
+    features for are left out and counted (``TrainingSet.left_out``).
     """
     _require_data(settings)
     store = store or feature_store(settings)
@@ -154,9 +238,15 @@ def build_training_set(settings: Settings, as_of: datetime | None = None,
     if missing:
         raise FeatureStoreError(f"{tx_path} lacks columns {', '.join(missing)}")
     as_of = as_of or datetime.now(UTC)
-    entity_df = tx.loc[tx[LABEL_TIMESTAMP] <= pd.Timestamp(as_of), needed]
+    generated = tx.loc[tx[LABEL_TIMESTAMP] <= pd.Timestamp(as_of), needed]
+    traffic, left_out = traffic_rows(settings, as_of, tx[TRANSACTION_ID], generated)
+    # Concatenated only when there is traffic: pandas types an empty frame's columns as objects.
+    entity_df = pd.concat([generated.assign(**{SOURCE: GENERATED}), traffic.assign(**{SOURCE: TRAFFIC})],
+                          ignore_index=True) if len(traffic) else generated.assign(**{SOURCE: GENERATED})
     joined = store.get_historical_features(entity_df=entity_df, features=service(settings, store)).to_df()
-    joined = joined.sort_values([TIMESTAMP, TRANSACTION_ID], kind="stable").reset_index(drop=True)
+    unknown = (joined[SOURCE] == TRAFFIC) & joined[[c.name for c in FEAST_FEATURES]].isna().any(axis=1)
+    left_out[NO_FEATURES] += int(unknown.sum())
+    joined = joined[~unknown].sort_values([TIMESTAMP, TRANSACTION_ID], kind="stable").reset_index(drop=True)
     fp = fingerprint(joined)
     settings.datasets_path.mkdir(parents=True, exist_ok=True)
     path = settings.datasets_path / f"training-{fp}.parquet"
@@ -164,4 +254,5 @@ def build_training_set(settings: Settings, as_of: datetime | None = None,
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         joined.to_parquet(tmp, index=False)
         tmp.replace(path)
-    return TrainingSet(str(path), len(joined), fp, settings.feature_service)
+    by_source = {source: int((joined[SOURCE] == source).sum()) for source in (GENERATED, TRAFFIC)}
+    return TrainingSet(str(path), len(joined), fp, settings.feature_service, by_source, left_out)

@@ -6,14 +6,18 @@ import base64
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from driftloop.settings import Settings, redact
+
+TAG_ENGINE = "driftloop.engine"  # what ran the training run: an engine of `driftloop train --engine`
 
 
 class TrackingError(RuntimeError):
@@ -75,3 +79,15 @@ def configure(settings: Settings) -> MlflowClient:
                 raise
     mlflow.set_experiment(settings.experiment)
     return client
+
+
+def origin_tags(engine: str, **run: str | None) -> dict[str, str]:
+    """The tags that say what ran a training run: ``driftloop.engine``, and for an orchestrator its own run's
+    ids as ``driftloop.<engine>.<key>`` (``origin_tags("kfp", run_id=…)``); keys left empty are left out."""
+    return {TAG_ENGINE: engine, **{f"driftloop.{engine}.{key}": str(value) for key, value in run.items() if value}}
+
+
+def tag_run(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on a run, finished or not, in one request."""
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])

@@ -8,6 +8,7 @@ natively (``load_booster``).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -35,6 +36,12 @@ TAG_FINGERPRINT = "driftloop.data_fingerprint"
 TAG_DATASET = "driftloop.dataset_uri"
 TAG_MODEL_URI = "driftloop.model_uri"
 TAG_CUTOFF = "driftloop.holdout_from"
+TAG_ROWS_BY_SOURCE = "driftloop.rows_by_source"
+# The training set's column naming each row's origin, and its values: as ``pipelines.steps.features`` writes
+# them (that module imports Feast, which the model server, importing this one, must not load).
+SOURCE = "source"
+GENERATED, TRAFFIC = "generated", "traffic"
+SOURCES = (GENERATED, TRAFFIC)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc, logged as code
 BUNDLED_CONTRACTS = "driftloop_contracts.py"  # contracts.py's name inside the model: no clash with the project
@@ -180,6 +187,14 @@ def log_dataset(frame: pd.DataFrame, dataset_uri: str, feature_service: str, fin
         mlflow.log_input(dataset, context="training")
 
 
+def rows_by_source(frame: pd.DataFrame) -> dict[str, int]:
+    """Rows per source (``SOURCES``); a training set without the column is all generated."""
+    if SOURCE not in frame.columns:
+        return {source: len(frame) if source == GENERATED else 0 for source in SOURCES}
+    counts = frame[SOURCE].value_counts()
+    return {source: int(counts.get(source, 0)) for source in SOURCES}
+
+
 def run_name(feature_service: str, now: datetime | None = None) -> str:
     """A readable run name: what was trained on, and when (UTC)."""
     return f"train-{feature_service}-{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
@@ -188,13 +203,19 @@ def run_name(feature_service: str, now: datetime | None = None) -> str:
 def train(dataset_uri: str, feature_service: str, fingerprint: str, params: TrainParams = TrainParams()) -> str:
     """Train and log to the active MLflow experiment; return the run id.
 
-    Logged: params, tags (FeatureService, data fingerprint, dataset), the training set as the run's dataset
-    input (digest: its fingerprint), the self-contained model (``log_model``) and
+    Logged: params, tags (FeatureService, data fingerprint, dataset, rows by source), the training set as the
+    run's dataset input (digest: its fingerprint), rows per source (``rows_generated``, ``rows_traffic``;
+    ``train_rows_traffic`` of them in the training part: traffic is the newest, so most of it is holdout
+    until there is more of it than the holdout holds), the self-contained model (``log_model``) and
     ``reference/reference.parquet``, the sample of the holdout the drift monitor compares traffic with.
     The run stays open for ``evaluate`` and ``register`` only by id: each step reopens it.
     """
     frame = pd.read_parquet(dataset_uri)
+    by_source = rows_by_source(frame)
     train_part, holdout = split_by_time(frame, params.holdout_fraction)
+    train_traffic = rows_by_source(train_part)[TRAFFIC]
+    # The source is bookkeeping, not data: the model, its input example and the run's dataset never see it.
+    frame, train_part, holdout = (f.drop(columns=SOURCE, errors="ignore") for f in (frame, train_part, holdout))
     with mlflow.start_run(run_name=run_name(feature_service)) as run:
         log_dataset(frame, dataset_uri, feature_service, fingerprint)
         mlflow.log_params({**asdict(params), "device": resolve_device(params.device)})
@@ -203,10 +224,13 @@ def train(dataset_uri: str, feature_service: str, fingerprint: str, params: Trai
             TAG_FINGERPRINT: fingerprint,
             TAG_DATASET: dataset_uri,
             TAG_CUTOFF: str(holdout[TIMESTAMP].min()),
+            TAG_ROWS_BY_SOURCE: json.dumps(by_source),
             "driftloop.stage": "train",
         })
         mlflow.log_metrics({"train_rows": len(train_part), "holdout_rows": len(holdout),
-                            "train_label_rate": float(train_part[LABEL].mean())})
+                            "train_label_rate": float(train_part[LABEL].mean()),
+                            **{f"rows_{source}": n for source, n in by_source.items()},
+                            "train_rows_traffic": train_traffic})
         model = fit(train_part, params)
         info = log_model(model, train_part.head(5))
         mlflow.set_tag(TAG_MODEL_URI, info.model_uri)

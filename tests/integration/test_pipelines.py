@@ -1,6 +1,10 @@
 """The training pipeline end to end on tiny data, through the CLI, with each engine."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -14,6 +18,7 @@ from tests.helpers import AS_OF, run_cli
 
 pytestmark = pytest.mark.integration
 
+GATE_ARTIFACT = "gate-decision"  # what a user looks for in Prefect (not imported: Prefect stays out of this process)
 AS_OF_ARG = ("--as-of", AS_OF.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
@@ -38,10 +43,53 @@ def assert_registered(settings, result: dict, version: str, alias: str) -> None:
     assert mv.tags["gate.decision"] == alias
 
 
+def assert_lineage(settings, result: dict, engine: str) -> dict[str, str]:
+    """The run says what ran it and on which data, under a readable name; returns its orchestrator's tags."""
+    run = MlflowClient(settings.tracking_uri).get_run(result["run_id"])
+    assert run.data.tags["driftloop.engine"] == engine
+    assert re.fullmatch(r"train-fraud_model_v1-\d{8}-\d{6}", run.info.run_name)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "fraud_model_v1"
+    assert dataset_input.dataset.digest == result["training_set"]["fingerprint"]
+    return {k.removeprefix(f"driftloop.{engine}."): v for k, v in run.data.tags.items()
+            if k.startswith(("driftloop.local.", "driftloop.prefect.", "driftloop.kfp."))}
+
+
+PREFECT_RUNS = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+async def read(key):
+    async with get_client() as client:
+        flows = {f.id: f.name for f in await client.read_flows()}
+        runs = await client.read_flow_runs()
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    print(json.dumps({
+        "flow_runs": [{"flow": flows.get(r.flow_id), "id": str(r.id), "name": r.name} for r in runs],
+        "artifacts": [{"flow_run_id": str(a.flow_run_id), "type": a.type, "description": a.description,
+                       "data": a.data} for a in artifacts],
+    }))
+
+asyncio.run(read(sys.argv[1]))
+"""
+
+
+def prefect_runs(settings) -> dict:
+    """The flow runs and ``GATE_ARTIFACT`` artifacts the Prefect API serves, as `driftloop ui` would show them
+    (read in another process: Prefect fixes its settings, PREFECT_HOME among them, when first imported)."""
+    env = {**os.environ, **training.prefect_environment(settings)}
+    result = subprocess.run([sys.executable, "-c", PREFECT_RUNS, GATE_ARTIFACT],
+                            capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_local_engine_then_prefect_flow(settings):
     first = train("local")
     assert first["decision"]["promoted"] and first["metrics"]["auc"] > 0.75
     assert_registered(settings, first, "1", "champion")
+    assert assert_lineage(settings, first, "local") == {}  # no orchestrator, no orchestrator's run
     # the same data again, through Prefect: the same model, so it cannot beat the champion by the margin
     second = train("prefect")
     assert second["engine"] == "prefect"
@@ -51,6 +99,22 @@ def test_local_engine_then_prefect_flow(settings):
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     assert client.get_model_version_by_alias(settings.model_name, "champion").version in (1, "1")
 
+    # the MLflow run names its flow run, and the flow run shows the gate's decision
+    origin = assert_lineage(settings, second, "prefect")
+    prefect = prefect_runs(settings)
+    (flow_run,) = [r for r in prefect["flow_runs"] if r["flow"] == "driftloop-training"]
+    assert origin == {"flow_run_id": flow_run["id"], "flow_run_name": flow_run["name"]}
+    (artifact,) = prefect["artifacts"]
+    assert artifact["flow_run_id"] == flow_run["id"] and artifact["type"] == "markdown"
+    assert artifact["description"] == f"{settings.model_name} v2: challenger"
+    report, decision = artifact["data"], second["decision"]
+    assert report.startswith(f"## {settings.model_name} v2: kept as challenger")
+    assert all(f"- {check}" in report for check in decision["failed_checks"]) and "margin" in report
+    assert f"| AUC | {decision['candidate']['auc']:.4f} | {decision['champion']['auc']:.4f} |" in report
+    assert "| | candidate v2 | champion v1 |" in report
+    for name, auc in second["metrics"]["slices"].items():
+        assert f"| AUC, channel {name} | {auc:.4f} | " in report
+
 
 def test_kfp_pipeline_runs_with_kfp_local(settings):
     result = train("kfp")
@@ -58,6 +122,11 @@ def test_kfp_pipeline_runs_with_kfp_local(settings):
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     assert str(client.get_model_version_by_alias(settings.model_name, "champion").version) == "1"
     assert (settings.state / "kfp").is_dir()
+    # the MLflow run names the kfp.local run: a random number, and the name of the run's folder
+    origin = assert_lineage(settings, result, "kfp")
+    assert set(origin) == {"run_id", "run_name"} and origin["run_id"].isdigit()
+    assert origin["run_name"].startswith("driftloop-training-")
+    assert (settings.state / "kfp" / origin["run_name"] / "train-component").is_dir()
 
 
 def test_human_summary_is_short_and_readable(settings):
