@@ -126,7 +126,7 @@ class ClusterWiring:
     # The keys a step reads, from the chart's ConfigMap and Secret (helm/driftloop/templates/config.yaml).
     CONFIG_KEYS = ("DRIFTLOOP_PROFILE", "DRIFTLOOP_STATE_DIR", "DRIFTLOOP_DATA_DIR", "DRIFTLOOP_MLFLOW_TRACKING_URI",
                    "DRIFTLOOP_MODEL_NAME", "DRIFTLOOP_EXPERIMENT", "DRIFTLOOP_FEATURE_SERVICE",
-                   "DRIFTLOOP_FEAST_PROJECT", "DRIFTLOOP_DEVICE", "HOME")
+                   "DRIFTLOOP_FEAST_PROJECT", "DRIFTLOOP_DEVICE", "DRIFTLOOP_TRAFFIC_ROWS_MAX", "HOME")
     SECRET_KEYS = ("DRIFTLOOP_POSTGRES_DSN", "DRIFTLOOP_REDIS_URL")
 
     def apply(self, task: Any) -> None:

@@ -186,6 +186,7 @@ def test_passwords_are_generated_never_defaulted():
     ("image.tag=latest", "/image/tag"),
     ("predictor.scaleMetric=gpu", "/predictor/scaleMetric"),
     ("settings.device=tpu", "/settings/device"),
+    ("settings.trafficRowsMax=-1", "/settings/trafficRowsMax"),
     ("postgres.enabled=false", "secrets.existingSecret is required"),
 ])
 def test_bad_values_are_refused_with_the_reason(setting, message):
@@ -202,6 +203,12 @@ def test_kfp_components_find_what_the_chart_provides():
     mount = find(docs, "Deployment", "driftloop-retrainer")["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "state", "mountPath": wiring.state_mount} in mount["volumeMounts"]
     find(docs, "PersistentVolumeClaim", f"{wiring.release}-state")
+
+
+def test_the_traffic_a_training_takes_is_a_setting_of_every_pod_and_pipeline_step():
+    config = find(render("kind", "settings.trafficRowsMax=1234"), "ConfigMap", "driftloop-config")["data"]
+    assert config["DRIFTLOOP_TRAFFIC_ROWS_MAX"] == "1234"
+    assert "DRIFTLOOP_TRAFFIC_ROWS_MAX" in ClusterWiring.CONFIG_KEYS
 
 
 # What a kind cluster on one 2-CPU node leaves for driftloop next to the control plane and the add-ons

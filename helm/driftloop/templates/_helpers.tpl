@@ -158,6 +158,7 @@ DRIFTLOOP_FEATURE_SERVICE: {{ .Values.settings.featureService | quote }}
 DRIFTLOOP_FEAST_PROJECT: {{ .Values.settings.feastProject | quote }}
 DRIFTLOOP_DEVICE: {{ .Values.settings.device | quote }}
 DRIFTLOOP_RETRAIN: {{ .Values.settings.retrain | quote }}
+DRIFTLOOP_TRAFFIC_ROWS_MAX: {{ .Values.settings.trafficRowsMax | int64 | quote }}
 DRIFTLOOP_IMAGE: {{ include "driftloop.image" . | quote }}
 PREFECT_API_URL: {{ include "driftloop.prefectApiUrl" . | quote }}
 PREFECT_LOGGING_LEVEL: {{ .Values.settings.prefectLogLevel | quote }}
