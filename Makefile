@@ -19,18 +19,18 @@ include infra/versions.env  # pinned Kubernetes tool and add-on versions (HELM_V
 .PHONY: help
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)} \
-	  /^[a-zA-Z_-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	  /^[a-zA-Z0-9_-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: demo
 demo: install ## The whole loop on this machine: train, serve, drift, retrain, new champion served
 	$(DRIFTLOOP) demo
 
 .PHONY: test
-test: install lint chart-tools system-deps ## Install everything pinned, lint, and run the whole test suite
+test: install lint chart-tools system-deps ## Install everything pinned, lint, run the whole test suite (TEST_WORKERS=2 xdist workers)
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 .PHONY: system-deps
-system-deps: ## Chromium, redis-server and PostgreSQL for the tests (installed with apt as root, else named)
+system-deps: ## Chromium, redis-server and PostgreSQL for the tests (installed with apt as root, else named); checks Go
 	tests/system-deps.sh
 
 ##@ Development
@@ -154,11 +154,11 @@ predict: install ## One prediction through the cluster's InferenceService
 	AIRGAP=$(AIRGAP) NAMESPACE=$(NAMESPACE) infra/predict.sh
 
 .PHONY: dashboards
-dashboards: ## Port-forward the Evidently, MLflow, Prefect and KFP UIs and print their URLs (Ctrl-C stops)
+dashboards: ## Port-forward the Evidently, MLflow, Prefect (and KFP, where installed) UIs, print their URLs (Ctrl-C stops)
 	AIRGAP=$(AIRGAP) NAMESPACE=$(NAMESPACE) infra/dashboards.sh
 
 .PHONY: e2e
-e2e: install ## The cluster end to end on this machine (AIRGAP=1, 2-CPU values): deploy, loop, faults, undeploy
+e2e: install ## The cluster end to end on this machine (E2E_AIRGAP=1, 2-CPU values): deploy, loop, faults, undeploy
 	tests/system-deps.sh e2e
 	AIRGAP=$(E2E_AIRGAP) $(VENV)/bin/python tests/e2e/cluster.py
 

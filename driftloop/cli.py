@@ -533,7 +533,7 @@ def demo_cmd(
 
 @batch_app.command("score")
 def batch_score(
-    input_path: Annotated[Path, typer.Argument(help="Parquet: entity keys, request features[, event_timestamp]")],
+    input_path: Annotated[Path, typer.Argument(help="Parquet: entity keys, request features, event_timestamp if any")],
     output_path: Annotated[Path, typer.Argument(help="where to write the scored Parquet")],
     engine: Annotated[Engine, typer.Option(help="local, or prefect (a flow run)")] = Engine.local,
 ) -> None:

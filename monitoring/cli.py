@@ -39,19 +39,20 @@ def _fail(message: str) -> NoReturn:
 
 # The drift policy's options, shared by `drift compare` and `monitor check`: unset, the settings decide.
 DriftShare = Annotated[float | None, typer.Option(
-    min=0.0, max=1.0, help="Dataset drift at this share of drifted columns [settings: DRIFTLOOP_DRIFT_SHARE, 0.3].")]
+    min=0.0, max=1.0, help="Dataset drift at this share of drifted columns "
+    "(setting DRIFTLOOP_DRIFT_SHARE, default 0.3).")]
 NumThreshold = Annotated[float | None, typer.Option(
-    min=0.0, help="A numerical column drifts at this score [DRIFTLOOP_DRIFT_NUM_THRESHOLD, 0.1].")]
+    min=0.0, help="A numerical column drifts at this score (setting DRIFTLOOP_DRIFT_NUM_THRESHOLD, default 0.1).")]
 CatThreshold = Annotated[float | None, typer.Option(
-    min=0.0, help="A categorical column drifts at this score [DRIFTLOOP_DRIFT_CAT_THRESHOLD, 0.1].")]
+    min=0.0, help="A categorical column drifts at this score (setting DRIFTLOOP_DRIFT_CAT_THRESHOLD, default 0.1).")]
 MinRows = Annotated[int | None, typer.Option(
-    min=1, help="Fewer rows than this: insufficient_data [DRIFTLOOP_DRIFT_MIN_ROWS, 200].")]
+    min=1, help="Fewer rows than this: insufficient_data (setting DRIFTLOOP_DRIFT_MIN_ROWS, default 200).")]
 ClipQuantile = Annotated[float | None, typer.Option(
-    min=0.0, max=0.499, help="Clip numerical samples to the reference's [q, 1-q] quantiles before the test; "
-    "0: Evidently's exact formula [DRIFTLOOP_DRIFT_CLIP_QUANTILE, 0.005].")]
+    min=0.0, max=0.499, help="Clip numerical samples to the reference's q and 1-q quantiles before the test; "
+    "0: Evidently's exact formula (setting DRIFTLOOP_DRIFT_CLIP_QUANTILE, default 0.005).")]
 Kinds = Annotated[list[str] | None, typer.Option(
     "--kind", help="COLUMN=numerical or COLUMN=categorical, over the inferred kind; repeatable "
-    "[DRIFTLOOP_DRIFT_KINDS].")]
+    "(setting DRIFTLOOP_DRIFT_KINDS).")]
 
 
 def drift_policy(settings: Settings, drift_share: float | None = None, num_threshold: float | None = None,
