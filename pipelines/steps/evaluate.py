@@ -8,10 +8,8 @@ from dataclasses import asdict, dataclass, field
 import mlflow
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
 from driftloop.contracts import LABEL
-from pipelines.steps.train import TAG_DATASET, TAG_MODEL_URI, load_booster, score, split_by_time
 
 SLICE_COLUMN = "channel"
 MIN_SLICE_CLASS = 5  # a slice needs this many of each class for its AUC to mean anything
@@ -36,6 +34,9 @@ class Metrics:
 
 def compute(labels: np.ndarray, scores: np.ndarray, slices: pd.Series | None = None) -> Metrics:
     """Metrics of scores against labels; per-slice AUC where a slice has both classes."""
+    # sklearn costs about 2 CPU-s to import: rollback and promote --force import this module, never compute
+    from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
+
     labels = np.asarray(labels)
     scores = np.clip(np.asarray(scores, dtype=np.float64), 1e-7, 1 - 1e-7)
     if len(np.unique(labels)) < 2:
@@ -70,6 +71,8 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
 
 def holdout(run_id: str) -> pd.DataFrame:
     """The evaluation rows of a run: its dataset's newest ``holdout_fraction``."""
+    from pipelines.steps.train import TAG_DATASET, split_by_time  # XGBoost's import loads sklearn: not at import
+
     run = mlflow.get_run(run_id)
     frame = pd.read_parquet(run.data.tags[TAG_DATASET])
     return split_by_time(frame, float(run.data.params["holdout_fraction"]))[1]
@@ -77,11 +80,15 @@ def holdout(run_id: str) -> pd.DataFrame:
 
 def evaluate_model(model_uri: str, rows: pd.DataFrame) -> Metrics:
     """Metrics of the logged model on raw rows, scored as the server scores: the native booster."""
+    from pipelines.steps.train import load_booster, score
+
     return compute(rows[LABEL].to_numpy(), score(load_booster(model_uri), rows), rows[SLICE_COLUMN])
 
 
 def evaluate(run_id: str) -> Metrics:
     """Score the run's model on its holdout; log the metrics (``eval_*``) on the run."""
+    from pipelines.steps.train import TAG_MODEL_URI
+
     run = mlflow.get_run(run_id)
     metrics = evaluate_model(run.data.tags[TAG_MODEL_URI], holdout(run_id))
     with mlflow.start_run(run_id=run_id):

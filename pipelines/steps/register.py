@@ -31,7 +31,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines.steps.evaluate import Metrics, auc_standard_error, evaluate_model, holdout
-from pipelines.steps.train import TAG_FEATURE_SERVICE, TAG_FINGERPRINT, TAG_MODEL_URI
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -266,6 +265,8 @@ def register(client: MlflowClient, run_id: str, model_name: str, policy: GatePol
     alias only ever moves from the champion the candidate was judged against. If setting the alias fails,
     the new version is deleted again; if the process dies first, the next registration deletes it.
     """
+    from pipelines.steps.train import TAG_FEATURE_SERVICE, TAG_FINGERPRINT, TAG_MODEL_URI  # XGBoost: not at import
+
     run = client.get_run(run_id)
     candidate = _metrics_of(run_id)
     rows = functools.cache(lambda: holdout(run_id))
