@@ -67,20 +67,19 @@ def _masked(text: str) -> str:
     return redact(text, _secrets())
 
 
+# Errors whose message tells the user what to do: (module, class). Only a loaded module can have raised one,
+# so an error line never waits for imports (the KFP module alone pulls in every pipeline step).
+USER_ERRORS = (("monitoring.demo", "DemoError"), ("monitoring.labels", "LabelError"),
+               ("monitoring.monitor", "MonitorError"), ("pipelines.kfp_pipeline", "ComponentError"),
+               ("pipelines.steps.features", "FeatureStoreError"), ("pipelines.steps.register", "RegistryError"),
+               ("pipelines.steps.tracking", "TrackingError"), ("pipelines.steps.validate", "DataValidationError"),
+               ("serving.batch", "BatchError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message tells the user what to do: printed as one line, not a traceback."""
-    from monitoring.demo import DemoError
-    from monitoring.labels import LabelError
-    from monitoring.monitor import MonitorError
-    from pipelines.kfp_pipeline import ComponentError
-    from pipelines.steps.features import FeatureStoreError
-    from pipelines.steps.register import RegistryError
-    from pipelines.steps.tracking import TrackingError
-    from pipelines.steps.validate import DataValidationError
-    from serving.batch import BatchError
-
-    return (SettingsError, FeatureStoreError, TrackingError, DataValidationError, RegistryError, MonitorError,
-            LabelError, BatchError, DemoError, ComponentError, FileNotFoundError)
+    loaded = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS)
+    return (SettingsError, FileNotFoundError, *(error for error in loaded if error is not None))
 
 
 @contextmanager

@@ -39,3 +39,12 @@ def test_steps_do_not_import_orchestrators():
     for path in steps.glob("*.py"):
         text = path.read_text()
         assert "prefect" not in text and "import kfp" not in text and "from kfp" not in text, path.name
+
+
+def test_the_cli_knows_every_user_error_by_its_module_and_name():
+    """The CLI prints these as one line; it names them by module so that an error never waits for imports."""
+    from driftloop.cli import USER_ERRORS
+
+    for module, name in USER_ERRORS:
+        error = getattr(importlib.import_module(module), name)
+        assert isinstance(error, type) and issubclass(error, Exception), (module, name)
