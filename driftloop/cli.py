@@ -148,13 +148,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(GPU|pkg_resources).*")
     # Feast puts a filter of its own first when imported ("once" for DeprecationWarning): the hook that
     # shows warnings is where a library's later filters cannot bring its dependencies' notices back.
-    show = warnings.showwarning
+    if getattr(warnings.showwarning, "__name__", "") != "show_unless_deprecation":  # once, however often called
+        show = warnings.showwarning
 
-    def show_unless_deprecation(message, category, *args, **kwargs) -> None:
-        if not issubclass(category, DeprecationWarning):
-            show(message, category, *args, **kwargs)
+        def show_unless_deprecation(message, category, *args, **kwargs) -> None:
+            if not issubclass(category, DeprecationWarning):
+                show(message, category, *args, **kwargs)
 
-    warnings.showwarning = show_unless_deprecation
+        warnings.showwarning = show_unless_deprecation
 
 
 def table(title: str, rows: dict[str, Any]) -> Table:

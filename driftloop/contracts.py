@@ -63,6 +63,12 @@ MODEL_FEATURES: tuple[str, ...] = tuple(c.name for c in FEATURES)
 FEAST_FEATURES: tuple[Column, ...] = CUSTOMER_FEATURES + MERCHANT_FEATURES
 BY_NAME = {c.name: c for c in FEATURES}
 
+# A training set's column naming each row's origin: the generated transactions, or served predictions joined
+# with their late labels (``pipelines.steps.features`` writes it, ``pipelines.steps.train`` counts and drops it).
+SOURCE = "source"
+GENERATED, TRAFFIC = "generated", "traffic"
+SOURCES = (GENERATED, TRAFFIC)
+
 
 def encode_category(values: pd.Series, categories: tuple[str, ...]) -> np.ndarray:
     """Category names to their index; unseen or missing values become NaN (the model's 'missing')."""
@@ -87,3 +93,25 @@ def to_model_frame(frame: pd.DataFrame) -> pd.DataFrame:
         else:
             out[col.name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
     return pd.DataFrame(out, index=frame.index)
+
+
+def outside_contract(frame: pd.DataFrame, columns: tuple[Column, ...] = FEATURES) -> np.ndarray:
+    """Rows with a value that ``columns``' contracts rule out: not finite, outside its range, not a whole number
+    where it counts something, a category it does not know, or missing where it allows no nulls. (Served
+    traffic is what any client sent: such rows are left out of training sets.)"""
+    bad = np.zeros(len(frame), dtype=bool)
+    for col in columns:
+        values = frame[col.name]
+        missing = values.isna().to_numpy()
+        if col.kind == "category":
+            bad |= ~missing & ~values.isin(col.categories).to_numpy()
+        else:
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            with np.errstate(invalid="ignore"):
+                fine = (numbers >= col.low) & (numbers <= col.high)  # False for NaN and +-inf
+                if col.kind == "int":
+                    fine &= np.mod(numbers, 1.0) == 0.0
+            bad |= ~missing & ~fine
+        if col.max_null_rate == 0.0:
+            bad |= missing
+    return bad

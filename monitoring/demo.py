@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pandas as pd
 
-from driftloop.contracts import REQUEST_FEATURES
+from driftloop.contracts import REQUEST_FEATURES, SOURCES
 from driftloop.settings import Settings
 from pipelines.steps import ingest
 
@@ -191,8 +191,6 @@ def run(settings: Settings, cfg: DemoConfig, say: Say) -> dict:
 
 def _rows_by_source(client: MlflowClient, settings: Settings) -> str:
     """Rows per source of the newest training run (the retraining's): ``52,000 generated + 4,000 traffic``."""
-    from pipelines.steps.train import SOURCES
-
     experiment = client.get_experiment_by_name(settings.experiment)
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     metrics = runs[0].data.metrics if runs else {}

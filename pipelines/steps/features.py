@@ -26,19 +26,19 @@ from feast.repo_config import RepoConfig
 from driftloop.contracts import (
     ENTITY_KEYS,
     FEAST_FEATURES,
+    GENERATED,
     LABEL,
     LABEL_TIMESTAMP,
     REQUEST_FEATURES,
+    SOURCE,
     TIMESTAMP,
+    TRAFFIC,
     TRANSACTION_ID,
+    outside_contract,
 )
 from driftloop.settings import Settings
 from monitoring.store import LABELLED_AT, LogStore
 
-# The training set's column that says where each row came from (``pipelines.steps.train`` counts and drops it).
-SOURCE = "source"
-GENERATED = "generated"  # transactions.parquet
-TRAFFIC = "traffic"  # served predictions joined with their late labels
 # Why a labelled served prediction is left out of a training set.
 DUPLICATE = "duplicate"  # a transaction scored again, or one the generated transactions already hold
 IMPLAUSIBLE = "implausible"  # a request feature the data contract rules out
@@ -161,29 +161,6 @@ def fingerprint(frame: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def implausible(frame: pd.DataFrame) -> np.ndarray:
-    """Rows with a request feature the data contract rules out: not finite, outside its range, not a whole
-    number where it counts something, a category it does not know, or missing where it allows no nulls.
-    Served traffic is what any client sent: a few such rows would fail the whole training set's validation,
-    and many could steer the model."""
-    bad = np.zeros(len(frame), dtype=bool)
-    for col in REQUEST_FEATURES:
-        values = frame[col.name]
-        missing = values.isna().to_numpy()
-        if col.kind == "category":
-            bad |= ~missing & ~values.isin(col.categories).to_numpy()
-        else:
-            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-            with np.errstate(invalid="ignore"):
-                fine = (numbers >= col.low) & (numbers <= col.high)  # False for NaN and +-inf
-                if col.kind == "int":
-                    fine &= np.mod(numbers, 1.0) == 0.0
-            bad |= ~missing & ~fine
-        if col.max_null_rate == 0.0:
-            bad |= missing
-    return bad
-
-
 def traffic_rows(settings: Settings, as_of: datetime, known_ids: pd.Series,
                  like: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Entity rows from the labelled traffic as of ``as_of`` (``LogStore.labelled_traffic``), typed as ``like``
@@ -198,7 +175,7 @@ def traffic_rows(settings: Settings, as_of: datetime, known_ids: pd.Series,
     keys = served[list(ENTITY_KEYS)].apply(pd.to_numeric, errors="coerce")
     # The log keeps keys as doubles: beyond 2^53 they are not the ids that were sent.
     keyless = ~((keys >= 0) & (keys <= 2**53) & (keys % 1 == 0)).all(axis=1).to_numpy()
-    bad = implausible(served) & ~known & ~keyless
+    bad = outside_contract(served, REQUEST_FEATURES) & ~known & ~keyless
     left_out[DUPLICATE] += int(known.sum())
     left_out[NO_FEATURES] += int((keyless & ~known).sum())
     left_out[IMPLAUSIBLE] = int(bad.sum())

@@ -26,7 +26,17 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from driftloop import contracts
-from driftloop.contracts import FEATURES, LABEL, MODEL_FEATURES, TIMESTAMP, to_model_frame
+from driftloop.contracts import (
+    FEATURES,
+    GENERATED,
+    LABEL,
+    MODEL_FEATURES,
+    SOURCE,
+    SOURCES,
+    TIMESTAMP,
+    TRAFFIC,
+    to_model_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +47,6 @@ TAG_DATASET = "driftloop.dataset_uri"
 TAG_MODEL_URI = "driftloop.model_uri"
 TAG_CUTOFF = "driftloop.holdout_from"
 TAG_ROWS_BY_SOURCE = "driftloop.rows_by_source"
-# The training set's column naming each row's origin, and its values: as ``pipelines.steps.features`` writes
-# them (that module imports Feast, which the model server, importing this one, must not load).
-SOURCE = "source"
-GENERATED, TRAFFIC = "generated", "traffic"
-SOURCES = (GENERATED, TRAFFIC)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc, logged as code
 BUNDLED_CONTRACTS = "driftloop_contracts.py"  # contracts.py's name inside the model: no clash with the project
