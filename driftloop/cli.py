@@ -72,7 +72,8 @@ def _masked(text: str) -> str:
 USER_ERRORS = (("monitoring.demo", "DemoError"), ("monitoring.labels", "LabelError"),
                ("monitoring.monitor", "MonitorError"), ("pipelines.kfp_pipeline", "ComponentError"),
                ("pipelines.steps.features", "FeatureStoreError"), ("pipelines.steps.register", "RegistryError"),
-               ("pipelines.steps.tracking", "TrackingError"), ("pipelines.steps.validate", "DataValidationError"),
+               ("pipelines.steps.registry_api", "RegistryApiError"), ("pipelines.steps.tracking", "TrackingError"),
+               ("pipelines.steps.validate", "DataValidationError"),
                ("serving.batch", "BatchError"))
 
 
@@ -108,15 +109,16 @@ def _elsewhere(settings: Settings) -> str:
     return "or set DRIFTLOOP_STATE_DIR to the state dir that has it (run from another directory, a fresh one is used)"
 
 
-def registry_or_fail(settings: Settings, alias: str | None = "champion") -> Any:
+def registry_or_fail(settings: Settings, alias: str | None = "champion", *, rest: bool = False) -> Any:
     """The tracking client once the registry holds the model (and ``alias``), else one line naming the registry.
 
     A command run from another directory finds a fresh state dir: saying where it looked is the whole hint.
-    A local store that is not there yet is not created just to find it empty.
+    A local store that is not there yet is not created just to find it empty. ``rest``: for a command that only
+    moves aliases and tags, a tracking server's REST API stands in for MLflow's client, whose import alone costs
+    about 4 CPU-s (``tracking.rest_registry``); an embedded store still gets MLflow's client.
     """
-    from mlflow.exceptions import MlflowException
-
     from pipelines.steps import tracking
+    from pipelines.steps.registry_api import registry_errors
 
     wanted = f"{settings.model_name}@{alias}" if alias else settings.model_name
     missing = f"no {wanted} in the registry at {settings.tracking_uri}: train one first (`driftloop train`), " \
@@ -124,17 +126,17 @@ def registry_or_fail(settings: Settings, alias: str | None = "champion") -> Any:
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         fail(missing)
-    with user_errors():
-        client = tracking.configure(settings)
-    try:
-        if alias:
-            client.get_model_version_by_alias(settings.model_name, alias)
-        elif not client.search_model_versions(f"name='{settings.model_name}'", max_results=1):
+    with user_errors():  # the REST client's errors (a 401, say) are one line too
+        client = (tracking.rest_registry(settings) if rest else None) or tracking.configure(settings)
+        try:
+            if alias:
+                client.get_model_version_by_alias(settings.model_name, alias)
+            elif not client.search_model_versions(f"name='{settings.model_name}'", max_results=1):
+                fail(missing)
+        except registry_errors() as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             fail(missing)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        fail(missing)
     return client
 
 
@@ -587,7 +589,7 @@ def rollback_cmd(
 
     quiet_libraries()
     settings = settings_or_fail()
-    client = registry_or_fail(settings, alias=None)
+    client = registry_or_fail(settings, alias=None, rest=True)
     with user_errors():
         move = rollback(client, settings.model_name, None if version is None else str(version),
                         lock=PromotionLock.for_settings(settings), by=_operator(), why=reason)
@@ -612,7 +614,7 @@ def promote_cmd(
         fail("--force needs --reason WHY: a forced promotion is recorded on the version with who, when and why")
     quiet_libraries()
     settings = settings_or_fail()
-    client = registry_or_fail(settings, alias=None)
+    client = registry_or_fail(settings, alias=None, rest=force)  # the gate scores models: MLflow's client
     with user_errors():
         move = promote(client, settings.model_name, str(version),
                        GatePolicy(min_auc=min_auc, margin=margin, slice_tolerance=slice_tolerance),
@@ -869,21 +871,47 @@ def wait_for_cmd(
     timeout: Annotated[float, typer.Option(min=0.0, help="seconds for all of them together")] = 600.0,
     every: Annotated[float, typer.Option(min=0.1, help="seconds between progress lines")] = 10.0,
 ) -> None:
-    """Wait until the configured stores accept TCP connections (a pod's first init container)."""
+    """Wait until the configured stores accept TCP connections (a pod's first init container); MLflow, when
+    MLFLOW_TRACKING_USERNAME names this pod's user, until it also accepts that user (its basic-auth app: a
+    user that a job creates after the server starts)."""
+    import base64
     import socket
+    import urllib.error
+    import urllib.request
 
     settings = settings_or_fail()
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
     started = time.monotonic()
     deadline = started + timeout
+
+    def refusal(store: Store, host: str, port: int) -> str | None:
+        """Why the store does not take this pod yet; None once it does."""
+        left = max(0.1, min(2.0, deadline - time.monotonic()))
+        try:
+            with socket.create_connection((host, port), timeout=left):
+                pass
+        except OSError as error:  # refused, unreachable, or a name that does not resolve yet
+            return error.strerror or type(error).__name__
+        if store is not Store.mlflow or not user:
+            return None
+        request = urllib.request.Request(  # noqa: S310 - the configured server's http(s) URL
+            f"{settings.mlflow_tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers={"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+        try:
+            with urllib.request.urlopen(request, timeout=left):  # noqa: S310 - as above
+                return None  # any answer but 401: the user is known
+        except urllib.error.HTTPError as error:
+            return f"it does not accept user {user} yet" if error.code == 401 else None
+        except OSError as error:
+            return str(getattr(error, "reason", error))
+
     for store in stores:
         host, port, variable = _store_address(settings, store)
         next_line = time.monotonic() + every
         while True:
-            try:
-                with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
-                    break
-            except OSError as error:  # refused, unreachable, or a name that does not resolve yet
-                reason = error.strerror or type(error).__name__
+            reason = refusal(store, host, port)
+            if reason is None:
+                break
             now = time.monotonic()
             if now >= deadline:
                 fail(f"{store.value} at {host}:{port} accepted no connection in {timeout:.0f} s (last: {reason}): "

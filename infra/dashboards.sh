@@ -13,6 +13,11 @@ NAMESPACE=${NAMESPACE:-kubeflow}
 trap stop_port_forwards EXIT
 trap 'exit 0' INT TERM
 
+# MLflow asks for a user (its basic-auth app): the platform's, from its Secret.
+secret_key() {
+  kubectl -n "$NAMESPACE" get secret driftloop-env -o "jsonpath={.data.$1}" 2>/dev/null | base64 -d || echo "?"
+}
+
 step "port-forwarding the dashboards"
 port_forward "$NAMESPACE" svc/driftloop-evidently 8000 8000
 port_forward "$NAMESPACE" svc/driftloop-mlflow 5000 5000
@@ -29,6 +34,8 @@ cat <<URLS
 
   Evidently  http://127.0.0.1:8000   drift dashboards, one snapshot per check
   MLflow     http://127.0.0.1:5000   runs, model versions, champion and challenger aliases
+             user $(secret_key MLFLOW_TRACKING_USERNAME), password: kubectl -n $NAMESPACE get secret driftloop-env \
+               -o jsonpath='{.data.MLFLOW_TRACKING_PASSWORD}' | base64 -d
   Prefect    http://127.0.0.1:4200   flow runs of the retraining deployment
 $( ((kfp)) && echo "  KFP        http://127.0.0.1:8080   Kubeflow pipeline runs" || echo "  (no Kubeflow Pipelines in this cluster)")
 

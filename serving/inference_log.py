@@ -93,9 +93,11 @@ class PostgresSink:
         import psycopg
 
         db = psycopg.connect(self._dsn, connect_timeout=self._timeout, autocommit=True)
-        types = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'DOUBLE PRECISION'}" for c in COLUMNS)
-        db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({types})")
-        db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+        # On the cluster the table's owner made it before the first champion (the bootstrap, as role
+        # driftloop); the predictor's role may only insert into it, and PostgreSQL refuses it any DDL, even
+        # an IF NOT EXISTS whose table exists.
+        if db.execute("SELECT to_regclass('predictions')").fetchone()[0] is None:
+            create_postgres_table(db)
         return db
 
     def write(self, records: Sequence[Record]) -> None:
@@ -118,6 +120,13 @@ class PostgresSink:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def create_postgres_table(db) -> None:
+    """The ``predictions`` table and its time index in PostgreSQL, by a role that may create them."""
+    types = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'DOUBLE PRECISION'}" for c in COLUMNS)
+    db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({types})")
+    db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
 
 
 def sink_for(settings) -> Sink:

@@ -9,6 +9,10 @@ none, so the moves of one model take turns under a ``PromotionLock`` and each re
 gates against it, after taking the lock. A version is created ``pending`` and the marker goes once its alias
 is set; a registration killed in between leaves a pending version with no alias, which the next move, under
 the same lock and so surely alone, deletes.
+
+The moves (``promote``, ``rollback``, ``clean_up_orphans``) take either MLflow's client or ``RestRegistry``
+(``registry_api``: the same calls over MLflow's REST API, without ``import mlflow``'s seconds), so this module
+imports MLflow only where the gate scores models.
 """
 
 from __future__ import annotations
@@ -26,16 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
-from pipelines.steps.evaluate import Metrics, auc_standard_error, evaluate_model, holdout
+from pipelines.steps.registry_api import Registry, registry_errors
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow.tracking import MlflowClient
 
     from driftloop.settings import Settings
+    from pipelines.steps.evaluate import Metrics
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -168,6 +170,8 @@ class PromotionLock:
 
 def decide(candidate: Metrics, champion: Metrics | None, policy: GatePolicy) -> tuple[bool, list[str], str]:
     """The gate as a pure function: (promote?, failed checks, reason)."""
+    from pipelines.steps.evaluate import auc_standard_error  # numpy, pandas, MLflow: not for rollback's sake
+
     failed: list[str] = []
     if not candidate.auc >= policy.min_auc:
         failed.append(f"AUC {candidate.auc:.4f} is below the floor {policy.min_auc:.4f}")
@@ -203,16 +207,20 @@ def decide(candidate: Metrics, champion: Metrics | None, policy: GatePolicy) -> 
     )
 
 
-def current_champion(client: MlflowClient, model_name: str) -> str | None:
+def current_champion(client: Registry, model_name: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
-    except MlflowException as err:
+    except registry_errors() as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
 
 
 def _metrics_of(run_id: str) -> Metrics:
+    import mlflow
+
+    from pipelines.steps.evaluate import Metrics
+
     data = mlflow.artifacts.load_dict(f"{mlflow.get_run(run_id).info.artifact_uri}/evaluation.json")
     return Metrics(**data)
 
@@ -220,10 +228,12 @@ def _metrics_of(run_id: str) -> Metrics:
 
 def _scored(model_name: str, version: str | None, rows: Callable[[], pd.DataFrame]) -> Metrics | None:
     """The champion re-scored on the candidate's holdout (read only when there is a champion)."""
+    from pipelines.steps.evaluate import evaluate_model
+
     return None if version is None else evaluate_model(f"models:/{model_name}/{version}", rows())
 
 
-def clean_up_orphans(client: MlflowClient, model_name: str) -> list[str]:
+def clean_up_orphans(client: Registry, model_name: str) -> list[str]:
     """Finish or remove what killed registrations left behind; only under the promotion lock.
 
     Under the lock no registration is in flight, so a pending version's registrant is gone. If it had set
@@ -240,13 +250,13 @@ def clean_up_orphans(client: MlflowClient, model_name: str) -> list[str]:
         client.delete_model_version(model_name, version.version)
         removed.append(str(version.version))
         if version.run_id:
-            with contextlib.suppress(MlflowException):  # the run itself is gone: nothing left to annotate
+            with contextlib.suppress(*registry_errors()):  # the run itself is gone: nothing left to annotate
                 client.set_tag(version.run_id, TAG_ORPHAN, f"v{version.version} deleted: its registration was "
                                "killed before its alias was set")
     return removed
 
 
-def _move(client: MlflowClient, model_name: str, alias: str, version: str, lock: PromotionLock) -> None:
+def _move(client: Registry, model_name: str, alias: str, version: str, lock: PromotionLock) -> None:
     """Point ``alias`` at ``version`` and read it back: a writer outside the lock would show up here."""
     lock.check()
     client.set_registered_model_alias(model_name, alias, version)
@@ -265,6 +275,9 @@ def register(client: MlflowClient, run_id: str, model_name: str, policy: GatePol
     alias only ever moves from the champion the candidate was judged against. If setting the alias fails,
     the new version is deleted again; if the process dies first, the next registration deletes it.
     """
+    import mlflow
+
+    from pipelines.steps.evaluate import holdout
     from pipelines.steps.train import TAG_FEATURE_SERVICE, TAG_FINGERPRINT, TAG_MODEL_URI  # XGBoost: not at import
 
     run = client.get_run(run_id)
@@ -328,16 +341,16 @@ def register(client: MlflowClient, run_id: str, model_name: str, policy: GatePol
     return decision
 
 
-def _existing(client: MlflowClient, model_name: str, version: str) -> Any:
+def _existing(client: Registry, model_name: str, version: str) -> Any:
     """The model version, or a RegistryError naming the versions there are."""
     try:
         return client.get_model_version(model_name, version)
-    except MlflowException as err:
+    except registry_errors() as err:
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
     try:
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
-    except MlflowException:
+    except registry_errors():
         versions = []
     if not versions:
         raise RegistryError(f"{model_name} has no versions yet: run `driftloop train` first")
@@ -351,23 +364,25 @@ def _record(action: str, by: str, over: str | None, why: str, forced: bool = Fal
                        "over": over, "forced": forced, "why": why[:4000]})  # within a tag's 5,000 characters
 
 
-def _history(client: MlflowClient, model_name: str, version: str) -> list[str]:
+def _history(client: Registry, model_name: str, version: str) -> list[str]:
     """``version`` and the champions before it, newest first (a version champion twice ends the walk)."""
     chain = [version]
     while True:
         try:
             previous = client.get_model_version(model_name, chain[-1]).tags.get(TAG_PREVIOUS)
-        except MlflowException:
+        except registry_errors():
             return chain
         if not previous or previous in chain:
             return chain
         chain.append(previous)
 
 
-def promote(client: MlflowClient, model_name: str, version: str, policy: GatePolicy = GatePolicy(), *,
+def promote(client: Registry, model_name: str, version: str, policy: GatePolicy = GatePolicy(), *,
             lock: PromotionLock, by: str, force_reason: str | None = None) -> Move:
     """Make ``version`` the champion if the gate passes it against the current one; ``force_reason`` skips
-    the gate and is recorded on the version with ``by`` and the time."""
+    the gate and is recorded on the version with ``by`` and the time. The gate reads the candidate's
+    evaluation and re-scores the champion with MLflow (configured by ``tracking.configure``), whichever
+    client ``client`` is."""
     with lock:
         clean_up_orphans(client, model_name)
         target = _existing(client, model_name, version)
@@ -375,6 +390,10 @@ def promote(client: MlflowClient, model_name: str, version: str, policy: GatePol
         if was == version:
             raise RegistryError(f"{model_name} v{version} is already the champion")
         if force_reason is None:
+            from mlflow.exceptions import MlflowException
+
+            from pipelines.steps.evaluate import holdout
+
             run_id = target.run_id
             no_metrics = RegistryError(f"{model_name} v{version} has no evaluation metrics (run {run_id}), so the "
                                        "gate cannot judge it; `--force --reason WHY` promotes it anyway")
@@ -409,7 +428,7 @@ def promote(client: MlflowClient, model_name: str, version: str, policy: GatePol
     return Move(model_name, was, version, reason)
 
 
-def rollback(client: MlflowClient, model_name: str, to: str | None = None, *, lock: PromotionLock,
+def rollback(client: Registry, model_name: str, to: str | None = None, *, lock: PromotionLock,
              by: str = "", why: str = "") -> Move:
     """Put the previous champion back, or ``to``, with no gate: the way out when the champion misbehaves.
 
@@ -428,7 +447,7 @@ def rollback(client: MlflowClient, model_name: str, to: str | None = None, *, lo
                                     "to; name a version: `driftloop rollback VERSION`")
             try:
                 target = client.get_model_version(model_name, to)
-            except MlflowException as err:
+            except registry_errors() as err:
                 raise RegistryError(f"v{current}'s previous champion v{to} no longer exists; name a version: "
                                     "`driftloop rollback VERSION`") from err
         else:

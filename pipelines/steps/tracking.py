@@ -1,4 +1,8 @@
-"""Tracking: one place that points MLflow at the configured store, with timeouts, and checks it answers."""
+"""Tracking: one place that points MLflow at the configured store, with timeouts, and checks it answers.
+
+MLflow is imported where it is used: ``import mlflow`` alone costs about 4 CPU-s, and the registry's moves
+against a tracking server go without it (``rest_registry``).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import mlflow
-from mlflow.entities import RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
 from driftloop.settings import Settings, redact
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.steps.registry_api import RestRegistry
 
 TAG_ENGINE = "driftloop.engine"  # what ran the training run: an engine of `driftloop train --engine`
 
@@ -60,6 +65,10 @@ def configure(settings: Settings) -> MlflowClient:
 
     MLflow reads its HTTP timeouts from the environment, so they are set here, at the edge.
     """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(settings.mlflow_timeout_s))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.mlflow_retries)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -81,6 +90,20 @@ def configure(settings: Settings) -> MlflowClient:
     return client
 
 
+def rest_registry(settings: Settings) -> RestRegistry | None:
+    """The tracking server's registry over its REST API, with the settings' timeout and retries and MLflow's
+    credentials from the environment (``registry_api``), once the server answers; None where only MLflow's
+    client will do: an embedded store (no server to ask) or an auth plugin (``MLFLOW_TRACKING_AUTH``, AWS SigV4).
+    """
+    from pipelines.steps.registry_api import RestRegistry, speaks_for
+
+    if not settings.tracking_uri.startswith(("http://", "https://")) or not speaks_for(os.environ):
+        return None
+    check_reachable(settings)
+    return RestRegistry.from_environment(settings.tracking_uri, timeout_s=settings.mlflow_timeout_s,
+                                         retries=settings.mlflow_retries)
+
+
 def origin_tags(engine: str, **run: str | None) -> dict[str, str]:
     """The tags that say what ran a training run: ``driftloop.engine``, and for an orchestrator its own run's
     ids as ``driftloop.<engine>.<key>`` (``origin_tags("kfp", run_id=…)``); keys left empty are left out."""
@@ -89,5 +112,7 @@ def origin_tags(engine: str, **run: str | None) -> dict[str, str]:
 
 def tag_run(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
     """Set ``tags`` on a run, finished or not, in one request."""
+    from mlflow.entities import RunTag
+
     if tags:
         client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])

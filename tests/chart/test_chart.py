@@ -173,13 +173,98 @@ def test_cloud_values_scale_the_predictor_and_use_managed_services():
 
 
 def test_passwords_are_generated_never_defaulted():
-    first, second = (secret_data(find(render("kind"), "Secret", "driftloop-env")) for _ in range(2))
-    for key in ("postgres-password", "redis-password"):
-        assert len(first[key]) == 32 and first[key] != second[key]
-    assert first["postgres-password"] in first["DRIFTLOOP_POSTGRES_DSN"]
-    assert first["redis-password"] in first["DRIFTLOOP_REDIS_URL"]
-    config = find(render("kind"), "ConfigMap", "driftloop-config")["data"]
-    assert not any("password" in value for value in config.values())
+    first, second = (render("kind") for _ in range(2))
+    pg1, pg2 = (secret_data(find(docs, "Secret", "driftloop-postgres")) for docs in (first, second))
+    for role in ("postgres", "driftloop", "predictor", "mlflow", "prefect"):
+        key = f"{role}-password"
+        assert len(pg1[key]) == 32 and pg1[key] != pg2[key]
+    assert len(set(pg1.values())) == len(pg1)  # a password per role
+    redis = secret_data(find(first, "Secret", "driftloop-redis"))["redis-password"]
+    assert len(redis) == 32
+    env = secret_data(find(first, "Secret", "driftloop-env"))
+    assert env["DRIFTLOOP_POSTGRES_DSN"] == f"postgresql://driftloop:{pg1['driftloop-password']}@driftloop-postgres:5432/driftloop"
+    assert redis in env["DRIFTLOOP_REDIS_URL"]
+    predictor = secret_data(find(first, "Secret", "driftloop-predictor"))
+    assert predictor["DRIFTLOOP_POSTGRES_DSN"] == (
+        f"postgresql://predictor:{pg1['predictor-password']}@driftloop-postgres:5432/driftloop")
+    mlflow = secret_data(find(first, "Secret", "driftloop-mlflow"))
+    assert mlflow["MLFLOW_BACKEND_STORE_URI"] == (
+        f"postgresql+psycopg://mlflow:{pg1['mlflow-password']}@driftloop-postgres:5432/mlflow")
+    config = find(first, "ConfigMap", "driftloop-config")["data"]
+    assert not any(p in value for value in config.values() for p in [*pg1.values(), redis])
+
+
+# The Secret each workload's containers (init containers included) take their environment from; None: none.
+SECRETS = {
+    ("StatefulSet", "driftloop-postgres"): "driftloop-postgres",
+    ("StatefulSet", "driftloop-redis"): "driftloop-redis",
+    ("Deployment", "driftloop-mlflow"): "driftloop-mlflow",
+    ("Deployment", "driftloop-prefect"): "driftloop-prefect",
+    ("Deployment", "driftloop-evidently"): None,
+    ("Deployment", "driftloop-retrainer"): "driftloop-env",
+    ("InferenceService", "driftloop-fraud"): "driftloop-predictor",
+    ("Job", "driftloop-bootstrap"): "driftloop-env",  # and the predictor's MLflow password, to create its user
+    ("CronJob", "driftloop-materialize"): "driftloop-env",
+    ("CronJob", "driftloop-monitor"): "driftloop-env",
+}
+
+
+def secrets_seen(spec: dict) -> set[str]:
+    """The Secrets a pod's containers read, by envFrom or by key."""
+    names = set()
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        names |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+        names |= {v["valueFrom"]["secretKeyRef"]["name"] for v in c.get("env", [])
+                  if "secretKeyRef" in v.get("valueFrom", {})}
+    return names
+
+
+@pytest.mark.parametrize("scenario", ["kind", "cloud"])
+def test_each_workload_mounts_its_own_secret_or_none(scenario):
+    docs = render(scenario)
+    shared = "driftloop-connections" if scenario == "cloud" else None
+    for doc, spec in pod_specs(docs):
+        want = SECRETS[(doc["kind"], doc["metadata"]["name"])]
+        seen = secrets_seen(spec) - {"driftloop-object-store"}  # cloud: MLflow's object-store credentials
+        if doc["metadata"]["name"] == "driftloop-bootstrap" and not shared:
+            reader = next(c for c in spec["initContainers"] if c["name"] == "mlflow-reader")
+            assert secrets_seen({"containers": [reader]}) == {"driftloop-env", "driftloop-predictor"}
+            assert [v["valueFrom"]["secretKeyRef"]["key"] for v in reader["env"] if "valueFrom" in v] == [
+                "MLFLOW_TRACKING_PASSWORD"]
+            seen -= {"driftloop-predictor"}
+        if want is None:
+            assert seen == set(), (doc["metadata"]["name"], seen)
+        else:
+            assert seen == {shared or want}, (doc["metadata"]["name"], seen)
+    if scenario == "kind":
+        assert {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"} == {
+            s for s in SECRETS.values() if s}
+
+
+def test_the_predictor_and_the_ui_see_no_owner_password_and_no_mlflow_store():
+    docs = render("kind")
+    passwords = secret_data(find(docs, "Secret", "driftloop-postgres"))
+    owners = [passwords[f"{role}-password"] for role in ("postgres", "driftloop", "mlflow", "prefect")]
+    secrets = {d["metadata"]["name"]: secret_data(d) for d in docs if d["kind"] == "Secret"}
+    mlflow = secrets["driftloop-mlflow"]
+    owners += [mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"], mlflow["MLFLOW_FLASK_SERVER_SECRET_KEY"]]  # MLflow's admin
+    config = find(docs, "ConfigMap", "driftloop-config")["data"]
+    for kind, name in (("InferenceService", "driftloop-fraud"), ("Deployment", "driftloop-evidently")):
+        spec = next(s for _, s in pod_specs([find(docs, kind, name)]))
+        env = dict(config)
+        for secret in secrets_seen(spec):
+            env.update(secrets[secret])
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            env.update({v["name"]: v.get("value", "") for v in c.get("env", [])})
+        assert "MLFLOW_BACKEND_STORE_URI" not in env and "PREFECT_API_DATABASE_CONNECTION_URL" not in env, name
+        assert not [k for k in env if k.endswith("-password")], name
+        assert not any(p in value for value in env.values() for p in owners), name
+        assert "basic_auth.ini" not in env, name
+        if kind == "InferenceService":
+            assert env["DRIFTLOOP_POSTGRES_DSN"].startswith("postgresql://predictor:"), env
+            assert env["MLFLOW_TRACKING_USERNAME"] == "predictor", env
+        else:
+            assert "MLFLOW_TRACKING_PASSWORD" not in env
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -285,7 +370,8 @@ def test_default_values_stay_sized_for_real_clusters():
     docs = [doc for doc in yaml.safe_load_all(helm("template", "driftloop", str(CHART), "--namespace", "kubeflow",
                                                    "--kube-version", kubernetes_version()).stdout) if doc]
     bootstrap = find(docs, "Job", "driftloop-bootstrap")["spec"]["template"]["spec"]
-    assert "--rows=50000" in bootstrap["initContainers"][1]["args"]
+    generate = next(c for c in bootstrap["initContainers"] if c["name"] == "generate")
+    assert "--rows=50000" in generate["args"]
     assert "--n-estimators=300" in bootstrap["containers"][0]["args"]
     small = sum(pod_requests(d, s)["cpu"] for d, s in pod_specs(render("kind-small")))
     assert sum(pod_requests(d, s)["cpu"] for d, s in pod_specs(docs)) > 2 * small
@@ -383,7 +469,7 @@ def test_prefect_server_runs_in_the_chart_on_its_postgres_database():
                                                         "--port", "4200"]
     env = env_of(container)
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == {
-        "secretKeyRef": {"name": "driftloop-env", "key": "PREFECT_API_DATABASE_CONNECTION_URL"}}
+        "secretKeyRef": {"name": "driftloop-prefect", "key": "PREFECT_API_DATABASE_CONNECTION_URL"}}
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     volumes = {v["name"]: v for v in spec["volumes"]}
     home = next(m for m in container["volumeMounts"] if m["mountPath"] == env["HOME"])
@@ -392,16 +478,21 @@ def test_prefect_server_runs_in_the_chart_on_its_postgres_database():
         assert container[probe]["httpGet"] == {"path": "/api/health", "port": "http"}
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
 
-    secret = secret_data(find(docs, "Secret", "driftloop-env"))
-    assert secret["PREFECT_API_DATABASE_CONNECTION_URL"] == (
-        f"postgresql+asyncpg://driftloop:{secret['postgres-password']}@driftloop-postgres:5432/prefect")
-    assert "CREATE DATABASE prefect OWNER driftloop;" in find(docs, "ConfigMap", "driftloop-postgres-init")[
-        "data"]["10-databases.sql"]
+    secret = secret_data(find(docs, "Secret", "driftloop-prefect"))
+    password = secret_data(find(docs, "Secret", "driftloop-postgres"))["prefect-password"]
+    assert secret == {"PREFECT_API_DATABASE_CONNECTION_URL":
+                      f"postgresql+asyncpg://prefect:{password}@driftloop-postgres:5432/prefect"}
+    assert "prefect:prefect" in find(docs, "ConfigMap", "driftloop-postgres-init")["data"]["10-roles.sh"]
     assert find(docs, "ConfigMap", "driftloop-config")["data"]["PREFECT_API_URL"] == "http://driftloop-prefect:4200/api"
     policy = find(docs, "NetworkPolicy", "driftloop-prefect")["spec"]
     assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "prefect"
     assert policy["ingress"] == [{"ports": [{"port": 4200, "protocol": "TCP"}], "from": [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "driftloop"}}}]}]
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "driftloop", "app.kubernetes.io/instance":
+                                         "driftloop"}, "matchExpressions": [{"key": "app.kubernetes.io/component",
+                                                                             "operator": "In",
+                                                                             "values": ["monitor", "retrainer"]}]}},
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "driftloop"}, "matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "DoesNotExist"}]}}]}]
 
     # On managed stores the server reads its database URL from the user's Secret.
     cloud = main_container(find(render("cloud"), "Deployment", "driftloop-prefect")["spec"]["template"]["spec"])
@@ -413,7 +504,7 @@ def test_prefect_server_can_be_left_out_for_a_server_of_your_own():
     docs = render("kind", "prefect.server.enabled=false", f"settings.prefectApiUrl={url}")
     assert not [d for d in docs if d["metadata"]["name"] == "driftloop-prefect"]
     assert find(docs, "ConfigMap", "driftloop-config")["data"]["PREFECT_API_URL"] == url
-    assert "PREFECT_API_DATABASE_CONNECTION_URL" not in secret_data(find(docs, "Secret", "driftloop-env"))
+    assert not [d for d in docs if d["metadata"]["name"] == "driftloop-prefect"]  # no Secret either
     result = render_text("kind", "prefect.server.enabled=false", check=False)
     assert result.returncode != 0 and "settings.prefectApiUrl is required" in result.stderr
 
@@ -427,3 +518,49 @@ def test_read_write_many_without_a_storage_class_is_refused_with_the_classes_to_
     claim = find(render("cloud"), "PersistentVolumeClaim", "driftloop-state")["spec"]
     assert claim["accessModes"] == ["ReadWriteMany"] and claim["storageClassName"] == "efs-sc"
     assert "storageClassName" not in find(render("kind"), "PersistentVolumeClaim", "driftloop-state")["spec"]
+
+
+# What each component may connect to (DNS aside), on the in-chart stores.
+EGRESS = {
+    "postgres": set(), "redis": set(), "evidently": set(),
+    "mlflow": {("postgres", 5432)}, "prefect": {("postgres", 5432)},
+    "predictor": {("postgres", 5432), ("redis", 6379), ("mlflow", 5000)},
+    "retrainer": {("postgres", 5432), ("redis", 6379), ("mlflow", 5000), ("prefect", 4200)},
+    "bootstrap": {("postgres", 5432), ("redis", 6379), ("mlflow", 5000)},
+    "materialize": {("postgres", 5432), ("redis", 6379)},
+    "monitor": {("postgres", 5432), ("mlflow", 5000), ("prefect", 4200)},
+}
+
+
+def test_each_component_may_reach_only_the_servers_it_needs():
+    docs = render("kind")
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    deny = policies.pop("driftloop-default-deny-egress")
+    assert deny["policyTypes"] == ["Egress"] and "egress" not in deny
+    assert deny["podSelector"]["matchExpressions"] == [{"key": "app.kubernetes.io/component", "operator": "Exists"}]
+    for component, allowed in EGRESS.items():
+        spec = policies[f"driftloop-{component}"]
+        assert "Egress" in spec["policyTypes"], component
+        reached, dns = set(), False
+        for rule in spec["egress"]:
+            for to in rule["to"]:
+                if "namespaceSelector" in to:
+                    assert to == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                                  "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+                    dns = True
+                    continue
+                target = to["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                reached |= {(target, p["port"]) for p in rule["ports"]}
+        assert reached == allowed, component
+        assert dns == bool(allowed), component
+        # and the servers take connections from these components alone (and KFP's step pods)
+        for target, _ in allowed:
+            ingress = policies[f"driftloop-{target}"]["ingress"][0]["from"]
+            if target != "predictor":
+                assert component in ingress[0]["podSelector"]["matchExpressions"][0]["values"], (component, target)
+    # managed stores: the egress the user names, for the components that need a store outside the chart
+    cloud = {d["metadata"]["name"]: d["spec"] for d in render("cloud") if d["kind"] == "NetworkPolicy"}
+    external = [r for r in cloud["driftloop-predictor"]["egress"] if any("ipBlock" in t for t in r["to"])]
+    assert [p["port"] for p in external[0]["ports"]] == [5432, 6379, 443]
+    assert cloud["driftloop-evidently"]["egress"] == []
+

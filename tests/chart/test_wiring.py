@@ -48,7 +48,7 @@ class LocalCluster:
                 self.ports[f"{svc['metadata']['name']}:{port['port']}"] = free_port()
         self.ports["driftloop-fraud-predictor:80"] = free_port()  # KServe makes this Service
         self.config = find(self.docs, "ConfigMap", "driftloop-config")["data"]
-        self.secret = secret_data(find(self.docs, "Secret", "driftloop-env"))
+        self.secrets = {d["metadata"]["name"]: secret_data(d) for d in self.docs if d["kind"] == "Secret"}
 
     def local(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
@@ -81,6 +81,10 @@ class LocalCluster:
             else:
                 folder = self.root / "pods" / pod / mount["name"]
             folder.mkdir(parents=True, exist_ok=True)
+            if "secret" in volume:  # its keys as files, the Services' names in them mapped as in variables
+                data = self.secrets[volume["secret"]["secretName"]]
+                for item in volume["secret"].get("items") or [{"key": k, "path": k} for k in data]:
+                    (folder / item["path"]).write_text(self._hosts(data[item["key"]]))
             found[mount["mountPath"]] = folder
         return found
 
@@ -90,13 +94,13 @@ class LocalCluster:
             if "configMapRef" in source:
                 env.update(self.config)
             else:
-                env.update(self.secret)
+                env.update(self.secrets[source["secretRef"]["name"]])  # the workload's own Secret
         for var in container.get("env", []):
             if "value" in var:
                 env[var["name"]] = str(var["value"])
             else:
                 ref = var["valueFrom"]["secretKeyRef"]
-                env[var["name"]] = self.secret[ref["key"]]
+                env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
         for name, value in env.items():
             if name.endswith("_PORT") and value.isdigit() and int(value) in listen:
                 value = str(listen[int(value)])
@@ -194,21 +198,21 @@ def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
 
 def _stores_up(cluster: LocalCluster, admin_dsn: str) -> Iterator[LocalCluster]:
     docs = cluster.docs
-    # PostgreSQL: what the official image does on an empty data dir (user and database from its env,
-    # then the init scripts the chart mounts), on Debian's server.
+    # PostgreSQL: what the official image does on an empty data dir (its superuser `postgres`, then the
+    # init scripts the chart mounts, with the pod's environment), on Debian's server.
     spec, pg = container_of(docs, "StatefulSet", "driftloop-postgres")
-    env = {v["name"]: v.get("value") or cluster.secret[v["valueFrom"]["secretKeyRef"]["key"]] for v in pg["env"]}
-    with psycopg.connect(admin_dsn, autocommit=True) as db:
-        db.execute(f"CREATE ROLE {env['POSTGRES_USER']} LOGIN SUPERUSER PASSWORD '{env['POSTGRES_PASSWORD']}'")
-        db.execute(f"CREATE DATABASE {env['POSTGRES_DB']} OWNER {env['POSTGRES_USER']}")
+    env = {v["name"]: v.get("value") or cluster.secrets[v["valueFrom"]["secretKeyRef"]["name"]][
+        v["valueFrom"]["secretKeyRef"]["key"]] for v in pg["env"]}
+    assert env["POSTGRES_USER"] == "postgres"  # the server made by postgres_server(), trusting loopback
     port = int(admin_dsn.rsplit(":", 1)[1].split("/")[0])
     cluster.ports["driftloop-postgres:5432"] = port
     init = find(docs, "ConfigMap", "driftloop-postgres-init")["data"]
-    user_dsn = f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@127.0.0.1:{port}/{env['POSTGRES_DB']}"
-    with psycopg.connect(user_dsn, autocommit=True) as db:
-        for name in sorted(init):
-            for statement in filter(str.strip, init[name].split(";")):
-                db.execute(statement)
+    for name in sorted(init):
+        (cluster.root / name).write_text(init[name])
+        result = subprocess.run(["bash", "-c", f". {cluster.root / name}"], capture_output=True, text=True,
+                                env={**env, "PATH": os.environ["PATH"], "PGHOST": "127.0.0.1", "PGPORT": str(port)},
+                                timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
     probe_exec(cluster, pg["readinessProbe"], {"PATH": os.environ["PATH"], "PGPORT": str(port)}, [])
 
     # Redis: the chart's command and arguments on Debian's redis-server, on a loopback port.
@@ -252,12 +256,21 @@ def mlflow(cluster) -> int:
     return port
 
 
-def test_mlflow_server_answers_its_probes_and_the_service_name(mlflow):
+def credentials(cluster: LocalCluster, secret: str) -> tuple[str, str]:
+    """The MLflow user and password a workload's Secret gives it."""
+    data = cluster.secrets[secret]
+    return data["MLFLOW_TRACKING_USERNAME"], data["MLFLOW_TRACKING_PASSWORD"]
+
+
+def test_mlflow_server_answers_its_probes_and_the_service_name(cluster, mlflow):
     # MLflow refuses unknown Host headers: the Service's name must be among the allowed ones.
     api = f"http://127.0.0.1:{mlflow}/api/2.0/mlflow/registered-models/search"  # /health skips the check
+    admin = credentials(cluster, "driftloop-env")
     for host in ("driftloop-mlflow:5000", f"driftloop-mlflow.{NAMESPACE}.svc.cluster.local:5000", "localhost:5000"):
-        assert httpx.get(api, headers={"Host": host}, timeout=5).status_code == 200, host
-    assert httpx.get(api, headers={"Host": "evil.example:5000"}, timeout=5).status_code == 403
+        assert httpx.get(api, headers={"Host": host}, auth=admin, timeout=5).status_code == 200, host
+    assert httpx.get(api, headers={"Host": "evil.example:5000"}, auth=admin, timeout=5).status_code == 403
+    assert httpx.get(api, timeout=5).status_code == 401  # basic-auth: no credentials, no answer
+    assert httpx.get(f"http://127.0.0.1:{mlflow}/health", timeout=5).status_code == 200  # the probes need none
 
 
 def test_mlflow_server_starts_no_job_runner(cluster, mlflow):
@@ -282,11 +295,28 @@ def test_bootstrap_job_makes_a_champion_in_the_servers(bootstrapped, mlflow):
     from mlflow import MlflowClient
 
     url = f"http://127.0.0.1:{mlflow}"
-    version = MlflowClient(url, url).get_model_version_by_alias("driftloop-fraud", "champion")
+    os.environ.update(zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+                          credentials(bootstrapped, "driftloop-predictor"), strict=True))
+    try:
+        version = MlflowClient(url, url).get_model_version_by_alias("driftloop-fraud", "champion")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME")
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD")
     assert version.version == "1"
-    with psycopg.connect(bootstrapped.secret["DRIFTLOOP_POSTGRES_DSN"].replace(
+    # The predictor's user (made by the bootstrap) reads the champion and cannot move it; the jobs' can.
+    alias = f"{url}/api/2.0/mlflow/registered-models/alias"
+    move = {"name": "driftloop-fraud", "alias": "champion", "version": "1"}
+    assert httpx.post(alias, json=move, auth=credentials(bootstrapped, "driftloop-predictor"), timeout=5
+                      ).status_code == 403
+    assert httpx.post(alias, json=move, timeout=5).status_code == 401
+    assert httpx.post(alias, json=move, auth=credentials(bootstrapped, "driftloop-env"), timeout=5).status_code == 200
+    with psycopg.connect(bootstrapped.secrets["driftloop-env"]["DRIFTLOOP_POSTGRES_DSN"].replace(
             "driftloop-postgres:5432", bootstrapped.local("driftloop-postgres:5432"))) as db:
-        assert db.execute("SELECT COUNT(*) FROM feature_views").fetchone()[0] >= 2  # the Feast SQL registry
+        # the Feast SQL registry, in its schema (the predictor's role may read it alone)
+        assert db.execute("SELECT COUNT(*) FROM feast.feature_views").fetchone()[0] >= 2
+        # the inference log, made by this role before the first champion (the predictor may only write it)
+        assert db.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'predictions'"
+                          ).fetchone() == ("driftloop",)
 
 
 def test_predictor_serves_the_champion_with_online_features(bootstrapped):

@@ -153,9 +153,24 @@ def psql(sql: str) -> str:
                    sql).strip()
 
 
+_CREDENTIALS: dict[str, tuple[str, str]] = {}
+
+
+def mlflow_user(secret: str = "driftloop-predictor") -> tuple[str, str]:
+    """The MLflow user and password of a workload's Secret: the predictor's reads, the platform's
+    (driftloop-env) registers and moves aliases. MLflow's basic-auth app answers nothing without one."""
+    if secret not in _CREDENTIALS:
+        import base64
+
+        data = kjson(f"secret/{secret}")["data"]
+        _CREDENTIALS[secret] = tuple(base64.b64decode(data[key]).decode() for key in (
+            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+    return _CREDENTIALS[secret]
+
+
 def mlflow_champion(url: str) -> str:
     r = httpx.get(f"{url}/api/2.0/mlflow/registered-models/alias", params={"name": MODEL, "alias": "champion"},
-                  timeout=10)
+                  auth=mlflow_user(), timeout=10)
     r.raise_for_status()
     return r.json()["model_version"]["version"]
 
@@ -373,14 +388,14 @@ def submit() -> str:
 
 def latest_version(mlflow: str) -> int:
     r = httpx.get(f"{mlflow}/api/2.0/mlflow/model-versions/search", params={"filter": f"name='{MODEL}'"},
-                  timeout=10)
+                  auth=mlflow_user(), timeout=10)
     r.raise_for_status()
     return max((int(v["version"]) for v in r.json().get("model_versions", [])), default=0)
 
 
 def gate_reasons(mlflow: str) -> dict[str, str]:
     r = httpx.get(f"{mlflow}/api/2.0/mlflow/model-versions/search", params={"filter": f"name='{MODEL}'"},
-                  timeout=10)
+                  auth=mlflow_user(), timeout=10)
     return {v["version"]: next((t["value"] for t in v.get("tags", []) if t["key"] == "gate.reason"), "?")
             for v in r.json().get("model_versions", [])}
 
@@ -437,30 +452,77 @@ def drift_loop() -> str:
            "same pods, no restart"
 
 
+@contextlib.contextmanager
+def signed_in(upstream: str, user: tuple[str, str]) -> Iterator[str]:
+    """A local HTTP proxy to `upstream` that adds the user's basic auth to every request: what a browser does
+    once its user typed them in. Headless Chromium cannot type, and its pages cannot fetch from a URL with
+    credentials in it (MLflow's UI, loaded from http://user:pass@…, fails on its first request)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    client = httpx.Client(base_url=upstream, auth=user, timeout=30)
+    hop = {"host", "authorization", "connection", "content-length", "transfer-encoding", "content-encoding",
+           "accept-encoding", "keep-alive"}
+
+    class Relay(BaseHTTPRequestHandler):
+        def relay(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                answer = client.request(self.command, self.path, content=body,
+                                        headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
+            except httpx.HTTPError as error:  # the port-forward is not up yet: as a gateway says it
+                self.send_error(502, type(error).__name__)
+                return
+            self.send_response(answer.status_code)
+            for key, value in answer.headers.multi_items():
+                if key.lower() not in hop:
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):  # the browser left before the answer: its business
+                self.wfile.write(answer.content)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = relay
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        client.close()
+
+
 @step("make dashboards: Evidently, MLflow, Prefect in Chromium")
 def dashboards() -> str:
     shots = OUT / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(["make", "dashboards", f"AIRGAP={ENV['AIRGAP']}"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # MLflow asks for a user: the browser is signed in as the predictor's (read-only)
     try:
-        pages = {"evidently": "http://127.0.0.1:8000/", "mlflow": f"http://127.0.0.1:5000/#/models/{MODEL}",
-                 "prefect": "http://127.0.0.1:4200/"}
-        for name, page in pages.items():
-            until(f"{name} answers", lambda page=page: httpx.get(page.split("#")[0], timeout=5).status_code == 200, 90)
-        # the drift panels: the monitor's project, not the list of projects
-        projects = httpx.get("http://127.0.0.1:8000/api/projects", timeout=10).json()
-        assert projects, "no Evidently project: the monitor made no snapshot"
-        pages["evidently"] = f"http://127.0.0.1:8000/projects/{projects[0]['id']}"
-        sizes = {}
-        for name, page in pages.items():
-            png = shots / f"{name}.png"
-            png.unlink(missing_ok=True)
-            subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                            "--window-size=1400,900", "--virtual-time-budget=15000", f"--screenshot={png}", page],
-                           capture_output=True, timeout=120, check=False)
-            assert png.exists() and png.stat().st_size > 20_000, f"{name}: no screenshot (or a blank one)"
-            sizes[name] = png.stat().st_size // 1024
+        with signed_in("http://127.0.0.1:5000", mlflow_user()) as mlflow:
+            pages = {"evidently": "http://127.0.0.1:8000/", "mlflow": f"{mlflow}/#/models/{MODEL}",
+                     "prefect": "http://127.0.0.1:4200/"}
+            for name, page in pages.items():
+                until(f"{name} answers",
+                      lambda page=page: httpx.get(page.split("#")[0], timeout=5).status_code == 200, 90)
+            assert httpx.get("http://127.0.0.1:5000/", timeout=5).status_code == 401, "MLflow answered with no user"
+            # the drift panels: the monitor's project, not the list of projects
+            projects = httpx.get("http://127.0.0.1:8000/api/projects", timeout=10).json()
+            assert projects, "no Evidently project: the monitor made no snapshot"
+            pages["evidently"] = f"http://127.0.0.1:8000/projects/{projects[0]['id']}"
+            sizes = {}
+            for name, page in pages.items():
+                png = shots / f"{name}.png"
+                png.unlink(missing_ok=True)
+                subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                "--window-size=1400,900", "--virtual-time-budget=15000", f"--screenshot={png}", page],
+                               capture_output=True, timeout=120, check=False)
+                assert png.exists() and png.stat().st_size > 20_000, f"{name}: no screenshot (or a blank one)"
+                sizes[name] = png.stat().st_size // 1024
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=20)
@@ -578,7 +640,17 @@ def kill_mlflow() -> str:
         return got if set(got["versions"]) == {back_to} else None
 
     until(f"predictor follows the rollback to v{back_to}", follows, 120, every=5)
-    return f"{during['answered']} answered while MLflow was down; rollback v{champion} -> v{back_to} served"
+    # MLflow's basic-auth: the predictor's user cannot move @champion (403), no user gets nothing (401)
+    with forward("svc/driftloop-mlflow", 5000) as mlflow:
+        move = {"name": MODEL, "alias": "champion", "version": champion}
+        alias = f"{mlflow}/api/2.0/mlflow/registered-models/alias"
+        as_predictor = httpx.post(alias, json=move, auth=mlflow_user(), timeout=10).status_code
+        anonymous = httpx.post(alias, json=move, timeout=10).status_code
+        still = mlflow_champion(mlflow)
+    assert (as_predictor, anonymous) == (403, 401), f"moving @champion: predictor {as_predictor}, anonymous {anonymous}"
+    assert still == back_to, f"@champion moved to v{still}"
+    return (f"{during['answered']} answered while MLflow was down; rollback v{champion} -> v{back_to} served; "
+            f"moving @champion: the predictor's user {as_predictor}, no user {anonymous}")
 
 
 @step("fault: PostgreSQL pod deleted (serving goes on, the log catches up)")
@@ -626,20 +698,28 @@ def probe(target):
     except OSError as error:
         return type(error).__name__
 # A new pod's address reaches the policy engine's sets a moment after it starts: first wait (up to 60 s)
-# until the targets this pod must reach answer, then probe every target.
+# until the targets this pod must reach answer and those it must not ("-") refuse, then probe every target.
 must = [t[1:] for t in sys.argv[1:] if t.startswith("+")]
+must_not = [t[1:] for t in sys.argv[1:] if t.startswith("-")]
 deadline = time.monotonic() + 60
-while time.monotonic() < deadline and not all(probe(t) == "open" for t in must):
+while time.monotonic() < deadline and not (all(probe(t) == "open" for t in must)
+                                           and all(probe(t) != "open" for t in must_not)):
     time.sleep(1)
-print(json.dumps({t.lstrip("+"): probe(t.lstrip("+")) for t in sys.argv[1:]}))
+print(json.dumps({t.lstrip("+-"): probe(t.lstrip("+-")) for t in sys.argv[1:]}))
 """
 
 
 def reach(name: str, labels: dict[str, str], targets: list[str]) -> dict[str, str]:
     """From a new pod with these labels, which of host:port targets accept a TCP connection (a `+` before a
-    target: the pod waits until it answers before probing them all)."""
+    target: the pod waits until it answers before probing them all; a `-`: until it does not)."""
     start_pod(name, labels, PROBE, targets, {"cpu": "200m", "memory": "256Mi"})
     return pod_output(name, 120)
+
+
+def component_labels(component: str) -> dict[str, str]:
+    """The labels of one of the chart's components: a pod with them is under that component's policies."""
+    return {"app.kubernetes.io/name": "driftloop", "app.kubernetes.io/instance": "driftloop",
+            "app.kubernetes.io/part-of": "driftloop", "app.kubernetes.io/component": component}
 
 
 @step("NetworkPolicies enforced (kube-router)")
@@ -652,8 +732,25 @@ def network_policy() -> str:
     assert blocked == stores, f"a pod without the platform's labels reached: {stranger}"
     assert all(stranger[t] == "open" for t in open_to_all), f"namespace clients must reach the UIs: {stranger}"
     assert all(v == "open" for v in member.values()), f"the platform's pods must reach the stores: {member}"
+    # Egress: each component reaches only what it needs. By the Services' addresses, so that a blocked DNS
+    # does not pass for a blocked connection.
+    ip = {}
+    for target in stores + open_to_all:
+        service, port = target.split(":")
+        ip[target] = f"{kjson(f'svc/{service}')['spec']['clusterIP']}:{port}"
+    # (not the UI's own Service, which takes this pod among its endpoints)
+    ui = reach("e2e-as-evidently", component_labels("evidently"), [f"-{ip[t]}" for t in stores + open_to_all[:1]])
+    assert all(v != "open" for v in ui.values()), f"a pod with the Evidently UI's labels reached: {ui}"
+    needs = stores[:3]
+    predictor = reach("e2e-as-predictor", component_labels("predictor"),
+                      [f"+{t}" for t in needs] + [f"-{ip[t]}" for t in stores[3:] + open_to_all[1:]])
+    assert all(predictor[t] == "open" for t in needs), f"the predictor's stores must be open to it: {predictor}"
+    assert all(predictor[ip[t]] != "open" for t in stores[3:] + open_to_all[1:]), \
+        f"a pod with the predictor's labels reached more than it needs: {predictor}"
     return (f"unlabelled pod: {len(blocked)} stores blocked ({', '.join(sorted(set(stranger[t] for t in stores)))}), "
-            f"predictor and Evidently open; labelled pod: all {len(member)} stores open")
+            f"predictor and Evidently open; labelled pod: all {len(member)} stores open; as the Evidently UI: "
+            f"none of {len(ui)} servers reached ({', '.join(sorted(set(ui.values())))}); as the predictor: "
+            "PostgreSQL, Redis, MLflow by name, not Prefect nor the UI")
 
 
 @step("make undeploy: nothing left", always=True)

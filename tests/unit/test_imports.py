@@ -48,3 +48,16 @@ def test_the_cli_knows_every_user_error_by_its_module_and_name():
     for module, name in USER_ERRORS:
         error = getattr(importlib.import_module(module), name)
         assert isinstance(error, type) and issubclass(error, Exception), (module, name)
+
+
+def test_moves_against_a_tracking_server_import_no_heavy_library(tmp_path):
+    """`driftloop rollback` and `promote --force` against a tracking server speak its REST API: what they load
+    (the CLI, the registry step, its REST client, built) imports none of MLflow (about 4 CPU-s) and the like."""
+    code = ("import sys\nfrom driftloop import cli\nfrom pipelines.steps import register, registry_api, tracking\n"
+            "registry_api.RestRegistry.from_environment('http://127.0.0.1:5000').close()\n"
+            "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DRIFTLOOP_STATE_DIR": str(tmp_path / "state")}, check=False)
+    assert result.returncode == 0, result.stderr
+    heavy = {"mlflow", "pandas", "numpy", "sklearn", "xgboost", "feast", "evidently", "prefect", "pyarrow"}
+    assert not set(result.stdout.split()) & heavy

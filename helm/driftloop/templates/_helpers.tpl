@@ -27,9 +27,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
 {{- end -}}
 
-{{/* The Secret with passwords and connection strings: generated, or the user's own. */}}
+{{/* A workload's Secret: the user's one Secret (secrets.existingSecret), or the chart's Secret of that
+workload: "env" (the platform's jobs, role driftloop), "predictor", "mlflow", "prefect", "postgres", "redis".
+(dict "ctx" $ "secret" "predictor") */}}
 {{- define "driftloop.secretName" -}}
-{{- .Values.secrets.existingSecret | default (printf "%s-env" (include "driftloop.fullname" .)) -}}
+{{- .ctx.Values.secrets.existingSecret | default (printf "%s-%s" (include "driftloop.fullname" .ctx) .secret) -}}
 {{- end -}}
 
 {{/* Restricted Pod Security Standard: non-root, no privilege escalation, no capabilities. */}}
@@ -49,12 +51,15 @@ capabilities:
   drop: [ALL]
 {{- end -}}
 
-{{/* Every driftloop container: settings from the ConfigMap, connection strings from the Secret. */}}
+{{/* A driftloop container's environment: settings from the ConfigMap, then the workload's Secret, if it
+has one ("secret": "" for none). (dict "ctx" $ "secret" "env") */}}
 {{- define "driftloop.envFrom" -}}
 - configMapRef:
-    name: {{ include "driftloop.fullname" . }}-config
+    name: {{ include "driftloop.fullname" .ctx }}-config
+{{- if .secret }}
 - secretRef:
     name: {{ include "driftloop.secretName" . }}
+{{- end }}
 {{- end -}}
 
 {{/* The shared state volume and a writable /tmp (the root file system is read-only). */}}
@@ -85,14 +90,14 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
-{{/* One `driftloop` container: (dict "ctx" $ "name" "train" "args" (list ...) "resources" ...) */}}
+{{/* One `driftloop` container: (dict "ctx" $ "name" "train" "args" (list ...) "resources" ... "secret" "env") */}}
 {{- define "driftloop.container" -}}
 - name: {{ .name }}
   image: {{ include "driftloop.image" .ctx }}
   imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
   args: {{ toJson .args }}
   envFrom:
-    {{- include "driftloop.envFrom" .ctx | nindent 4 }}
+    {{- include "driftloop.envFrom" . | nindent 4 }}
   securityContext:
     {{- include "driftloop.containerSecurity" . | nindent 4 }}
   resources:
@@ -102,15 +107,15 @@ imagePullSecrets:
 {{- end -}}
 
 {{/* The first init container of a pod whose program connects to stores at start: it waits until they
-accept connections, so a store that starts slowly delays the pod instead of failing it.
-(dict "ctx" $ "stores" (list "postgres" "redis")) */}}
+accept connections, so a store that starts slowly delays the pod instead of failing it. It gets what its
+pod gets: (dict "ctx" $ "stores" (list "postgres" "redis") "secret" "env") */}}
 {{- define "driftloop.waitFor" -}}
 - name: wait-for-stores
   image: {{ include "driftloop.image" .ctx }}
   imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
   args: {{ toJson (concat (list "wait-for" (printf "--timeout=%d" (int .ctx.Values.waitFor.timeout))) .stores) }}
   envFrom:
-    {{- include "driftloop.envFrom" .ctx | nindent 4 }}
+    {{- include "driftloop.envFrom" . | nindent 4 }}
   securityContext:
     {{- include "driftloop.containerSecurity" . | nindent 4 }}
   resources:
@@ -162,6 +167,12 @@ DRIFTLOOP_TRAFFIC_ROWS_MAX: {{ .Values.settings.trafficRowsMax | int64 | quote }
 DRIFTLOOP_IMAGE: {{ include "driftloop.image" . | quote }}
 PREFECT_API_URL: {{ include "driftloop.prefectApiUrl" . | quote }}
 PREFECT_LOGGING_LEVEL: {{ .Values.settings.prefectLogLevel | quote }}
+{{- if and .Values.postgres.enabled .Values.redis.enabled (not .Values.secrets.existingSecret) }}
+# Where the chart's stores listen, without credentials: what a pod whose Secret has no role in the database
+# (MLflow's, Prefect's) reads to wait for them. A workload's Secret overrides both with its own role's.
+DRIFTLOOP_POSTGRES_DSN: postgresql://{{ $fullname }}-postgres:5432/driftloop
+DRIFTLOOP_REDIS_URL: {{ $fullname }}-redis:6379
+{{- end }}
 # MLflow, Prefect and Feast keep caches under HOME; the root file system is read-only.
 HOME: /tmp
 {{- end -}}

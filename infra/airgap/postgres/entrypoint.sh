@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The official image's start: initialise an empty PGDATA (superuser POSTGRES_USER with
-# POSTGRES_PASSWORD, database POSTGRES_DB, then /docker-entrypoint-initdb.d/*.sql), then run postgres.
+# POSTGRES_PASSWORD, database POSTGRES_DB, then /docker-entrypoint-initdb.d/*.sql and *.sh in name order,
+# a .sh sourced or, when executable, run), then run postgres.
 set -euo pipefail
 : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}"
 user=${POSTGRES_USER:-postgres}
@@ -13,10 +14,12 @@ if [[ ! -s $PGDATA/PG_VERSION ]]; then
   pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -k /var/run/postgresql" -w start >/dev/null
   [[ $db == postgres ]] || psql -v ON_ERROR_STOP=1 -h /var/run/postgresql -U "$user" -d postgres \
     -c "CREATE DATABASE \"$db\"" >/dev/null
-  for f in /docker-entrypoint-initdb.d/*.sql; do
-    [[ -e $f ]] || continue
-    echo "running $f"
-    psql -v ON_ERROR_STOP=1 -h /var/run/postgresql -U "$user" -d "$db" -f "$f" >/dev/null
+  export POSTGRES_USER=$user POSTGRES_DB=$db PGHOST=/var/run/postgresql
+  for f in /docker-entrypoint-initdb.d/*; do
+    case $f in
+      *.sql) echo "running $f"; psql -v ON_ERROR_STOP=1 -U "$user" -d "$db" -f "$f" >/dev/null ;;
+      *.sh) if [[ -x $f ]]; then echo "running $f"; "$f"; else echo "sourcing $f"; . "$f"; fi ;;
+    esac
   done
   pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
   echo "database initialised"
