@@ -159,8 +159,8 @@ def test_compiled_pipeline_is_a_valid_kfp_v2_spec(tmp_path, monkeypatch):
     # On the cluster each component reads the chart's ConfigMap and Secret and mounts its state volume.
     for name, k8s in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
         assert k8s["configMapAsEnv"][0]["configMapName"] == "driftloop-config", name
-        assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} == {"DRIFTLOOP_POSTGRES_DSN",
-                                                                              "DRIFTLOOP_REDIS_URL"}
+        assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} == {
+            "DRIFTLOOP_POSTGRES_DSN", "DRIFTLOOP_REDIS_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
         assert k8s["pvcMount"][0]["mountPath"] == "/var/lib/driftloop"
         assert k8s["podMetadata"]["labels"]["app.kubernetes.io/part-of"] == "driftloop"
     tasks = spec_dict["root"]["dag"]["tasks"]
