@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from serving.bench import free_port, wait_ready
 
 REPEATS = 3
 GOALS = {"config": 1.5, "predict": 1.5, "rollback": 1.5, "promote": 1.5, "rollback (MLflow server)": 1.5,
@@ -39,29 +40,11 @@ def cpu_seconds(argv: list[str], env: dict[str, str]) -> tuple[float, float, int
     return usage.ru_utime + usage.ru_stime, time.perf_counter() - started, child.returncode
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(argv: list[str], env: dict[str, str], fine: str | None = None) -> None:
     """Run a set-up step; a failure whose error says ``fine`` is the state wanted already."""
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode and not (fine and fine in done.stderr):
         sys.exit(f"error: `{' '.join(argv[1:])}` failed while setting up the benchmark:\n{done.stderr[-2000:]}")
-
-
-def wait_ready(url: str, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"error: {what} did not become ready in {timeout:.0f} s")
 
 
 def main() -> None:
@@ -80,7 +63,7 @@ def main() -> None:
         server = subprocess.Popen([driftloop, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(f"{url}/v2/health/ready", "the model server")
+        wait_ready(f"{url}/v2/health/ready", server)
         # The same store behind a tracking server, as on a cluster (job execution off, as the chart runs it).
         tracking_server = subprocess.Popen(
             [mlflow, "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
@@ -89,7 +72,7 @@ def main() -> None:
             env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-        wait_ready(f"{mlflow_url}/health", "the MLflow tracking server")
+        wait_ready(f"{mlflow_url}/health", tracking_server)
         on_server = dict(env, DRIFTLOOP_MLFLOW_TRACKING_URI=mlflow_url)
         rows = [{"customer_id": i % 2000, "merchant_id": i % 200, "amount": 20.0 + i % 300, "channel": "online",
                  "hour_of_day": i % 24} for i in range(2000)]
@@ -121,6 +104,8 @@ def main() -> None:
                 runs[name].append(cpu_seconds(argv, on_server if "(MLflow server)" in name else env))
         results = {name: min(measured) for name, measured in runs.items()}
         report(results)
+    except RuntimeError as error:  # a server that exited or never answered
+        sys.exit(f"error: {error}")
     finally:
         if server is not None:
             server.terminate()

@@ -198,17 +198,12 @@ def _rows_by_source(client: MlflowClient, settings: Settings) -> str:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DemoError(f"the model server exited with {proc.returncode}; see demo-server.log")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise DemoError(f"the model server was not ready in {timeout:.0f} s")
+    from serving.bench import wait_ready
+
+    try:
+        wait_ready(url, proc, timeout)
+    except RuntimeError as error:
+        raise DemoError(f"the model server was not ready ({error}); see demo-server.log") from error
 
 
 def _until_served(url: str, cfg: DemoConfig, version: str, timeout: float = 30) -> dict:

@@ -57,9 +57,10 @@ class LogStore:
             return db.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None
         return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone() is not None
 
-    def log_exists(self, db: Any) -> bool:
-        """Whether the inference log exists. On PostgreSQL a missing one is created here, by the platform's
-        role (the bootstrap's first training reads the traffic): the predictor's role may only write into it."""
+    def has_log(self, db: Any) -> bool:
+        """Whether the inference log has its table yet. On PostgreSQL a missing one is created here (empty, so
+        still False): this reader runs as the platform's role, which owns the table; the predictor's role may
+        only write into it (the bootstrap's first training is the first reader)."""
         if self.has(db, "predictions"):
             return True
         if self.postgres:
@@ -71,7 +72,7 @@ class LogStore:
     def frame(self, sql: str, params: Iterable = ()) -> pd.DataFrame:
         """Run a query (``{p}`` marks each parameter); an empty frame when there is no log yet."""
         with self.connect() as db:
-            if not self.log_exists(db):
+            if not self.has_log(db):
                 return pd.DataFrame()
             self._labels_table(db)
             cursor = db.execute(sql.format(p=self.p), tuple(params))
@@ -82,7 +83,7 @@ class LogStore:
         An index on (model, version, ts) makes this one range scan however long the log grows; the first
         call creates it."""
         with self.connect() as db:
-            if not self.log_exists(db):
+            if not self.has_log(db):
                 return pd.DataFrame()
             self._labels_table(db)
             if not self.has(db, VERSION_INDEX):  # looked up first: PostgreSQL locks the table for CREATE INDEX
