@@ -109,13 +109,15 @@ def _elsewhere(settings: Settings) -> str:
     return "or set DRIFTLOOP_STATE_DIR to the state dir that has it (run from another directory, a fresh one is used)"
 
 
-def registry_or_fail(settings: Settings, alias: str | None = "champion", *, rest: bool = False) -> Any:
+def registry_or_fail(settings: Settings, alias: str | None = "champion", *, rest: bool = False,
+                     missing_ok: bool = False) -> Any:
     """The tracking client once the registry holds the model (and ``alias``), else one line naming the registry.
 
     A command run from another directory finds a fresh state dir: saying where it looked is the whole hint.
     A local store that is not there yet is not created just to find it empty. ``rest``: for a command that only
     moves aliases and tags, a tracking server's REST API stands in for MLflow's client, whose import alone costs
-    about 4 CPU-s (``tracking.rest_registry``); an embedded store still gets MLflow's client.
+    about 4 CPU-s (``tracking.rest_registry``); an embedded store still gets MLflow's client. ``missing_ok``: a
+    model not trained yet is said in one line and the command exits 0 (a scheduled check on a fresh cluster).
     """
     from pipelines.steps import tracking
     from pipelines.steps.registry_api import registry_errors
@@ -123,20 +125,27 @@ def registry_or_fail(settings: Settings, alias: str | None = "champion", *, rest
     wanted = f"{settings.model_name}@{alias}" if alias else settings.model_name
     missing = f"no {wanted} in the registry at {settings.tracking_uri}: train one first (`driftloop train`), " \
               f"{_elsewhere(settings)}"
+
+    def absent() -> NoReturn:
+        if missing_ok:
+            out.print(f"nothing to do yet: {escape(_masked(missing))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(0)
+        fail(missing)
+
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        fail(missing)
+        absent()
     with user_errors():  # the REST client's errors (a 401, say) are one line too
         client = (tracking.rest_registry(settings) if rest else None) or tracking.configure(settings)
         try:
             if alias:
                 client.get_model_version_by_alias(settings.model_name, alias)
             elif not client.search_model_versions(f"name='{settings.model_name}'", max_results=1):
-                fail(missing)
+                absent()
         except registry_errors() as error:
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            fail(missing)
+            absent()
     return client
 
 
@@ -468,6 +477,9 @@ def monitor_check(
     clip_quantile: ClipQuantile = None,
     kind: Kinds = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    no_champion_ok: Annotated[bool, typer.Option(
+        "--no-champion-ok", help="no champion yet: say so and exit 0 (a schedule that starts before the first "
+        "training, as the chart's CronJob)")] = False,
 ) -> None:
     """One drift and performance check on the champion's latest window of the inference log (the same
     drift policy as `driftloop drift compare`); a new champion's window fills before anything is judged."""
@@ -476,7 +488,7 @@ def monitor_check(
     quiet_libraries()
     settings = settings_or_fail()
     drift = drift_policy(settings, drift_share, num_threshold, cat_threshold, min_rows, clip_quantile, kind)
-    client = registry_or_fail(settings)
+    client = registry_or_fail(settings, missing_ok=no_champion_ok)
     with user_errors():
         result = check(settings, client, _monitor_policy(window_rows, k, n, cooldown, drift),
                        retrain_for(settings) if retrain else None)

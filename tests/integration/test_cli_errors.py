@@ -101,6 +101,16 @@ def test_an_empty_state_names_the_registry_it_looked_in(tmp_path, command):
     assert not (state / "mlflow.db").exists()  # looking did not create an empty store
 
 
+def test_a_scheduled_check_before_the_first_champion_exits_0(tmp_path):
+    """The chart's monitor CronJob can fire while a fresh cluster's bootstrap trains: no Failed pod for that."""
+    state = tmp_path / "fresh"
+    result = run_cli("monitor", "check", "--no-champion-ok", env={"DRIFTLOOP_STATE_DIR": str(state)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr.lower()
+    assert result.stdout.startswith("nothing to do yet: no driftloop-fraud@champion in the registry at "), result.stdout
+    assert not (state / "mlflow.db").exists()
+
+
 def data_dir(tmp_path: Path) -> dict[str, str]:
     settings = Settings(state_dir=tmp_path)
     ingest.write(ingest.generate(SMALL), settings.data_path)
