@@ -27,7 +27,7 @@ demo: install ## The whole loop on this machine: train, serve, drift, retrain, n
 
 .PHONY: test
 test: install lint chart-tools system-deps ## Install everything pinned, lint, run the whole test suite (TEST_WORKERS=2 xdist workers)
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 .PHONY: system-deps
 system-deps: ## Chromium, redis-server and PostgreSQL for the tests (installed with apt as root, else named); checks Go

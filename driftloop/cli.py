@@ -149,6 +149,20 @@ def registry_or_fail(settings: Settings, alias: str | None = "champion", *, rest
     return client
 
 
+def unchecked_feast() -> None:
+    """Feast decorates its API with typeguard's ``@typechecked``, which re-parses and recompiles the source of
+    every decorated function when Feast is imported: about 4 of the 10 CPU-seconds that a command touching
+    Feast spent before doing anything. typeguard itself makes the decorator a no-op under ``python -O``
+    (checks meant for development); this does the same for the CLI's process (`main`), before any command
+    imports Feast. driftloop's calls into Feast are tested with the checks on (the test processes keep them)."""
+    import typeguard
+
+    def typechecked(target: Any = None, **_options: Any) -> Any:
+        return typechecked if target is None else target
+
+    typeguard.typechecked = typechecked
+
+
 def quiet_libraries() -> None:
     """Third-party INFO chatter would bury the summary; warnings still show."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -941,6 +955,7 @@ def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
     """The CLI; log records and an unexpected error's traceback have their passwords masked too."""
     settings = _secrets()
     redact_logs(settings)
+    unchecked_feast()
     try:
         return app(args=argv)
     except Exception:  # not a user error: the traceback, for a bug report, printed as Python would, masked

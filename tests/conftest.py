@@ -11,6 +11,22 @@ from driftloop.settings import Settings
 from pipelines.steps import features, ingest
 from tests.helpers import AS_OF, TINY, create_database, env_for, mlflow_server, postgres_server, redis_server
 
+# The slowest modules first, as measured (`--durations`): the workers take whole modules (`--dist loadfile`, in
+# this order with `--no-loadscope-reorder`), and a long module taken last would leave one worker alone at the end.
+SLOWEST_FIRST = (
+    "chart/test_wiring.py", "integration/test_serving.py", "integration/test_cli_errors.py",
+    "integration/test_monitor.py", "integration/test_failures.py", "integration/test_pipelines.py",
+    "integration/test_secrets.py", "integration/test_promotion.py", "integration/test_hardening_serving.py",
+    "integration/test_demo.py", "chart/test_chart.py", "integration/test_cluster_stores.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    here = Path(__file__).parent
+    # a stable sort: the rest, and every module's own tests, stay as collected
+    items.sort(key=lambda item: rank.get(item.path.relative_to(here).as_posix(), len(rank)))
+
 
 @pytest.fixture(autouse=True)
 def _restore_environment():

@@ -116,14 +116,28 @@ def test_local_engine_then_prefect_flow(settings):
         assert f"| AUC, channel {name} | {auc:.4f} | " in report
 
 
-def test_kfp_pipeline_runs_with_kfp_local(settings):
-    result = train("kfp")
-    assert result["decision"]["promoted"]
+def test_kfp_pipeline_runs_with_kfp_local_and_prints_the_same_short_summary(settings):
+    """One kfp.local run (the slowest engine), read twice: what the user sees, then what it left in MLflow."""
+    result = run_cli("train", "--engine", "kfp", *AS_OF_ARG, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) <= 30, "\n".join(lines)
+    for words in ("trained with engine=kfp", "holdout AUC", "slice AUC", "driftloop-fraud v1", "promoted to champion"):
+        assert words in result.stdout
+    for noise in ("Executor", "executor_input", "Warning", "Streamed logs"):
+        assert noise not in result.stdout + result.stderr
+    for step in training.STEPS:
+        assert step in result.stderr  # a progress line per step, as with the local engine
+    assert (settings.state / "kfp" / "last-run.log").stat().st_size > 0  # the whole of kfp.local's log, kept
+
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
-    assert str(client.get_model_version_by_alias(settings.model_name, "champion").version) == "1"
-    assert (settings.state / "kfp").is_dir()
+    champion = client.get_model_version_by_alias(settings.model_name, "champion")
+    assert str(champion.version) == "1"
+    run = client.get_run(champion.run_id)
+    registered = {"run_id": champion.run_id,
+                  "training_set": {"fingerprint": run.data.tags["driftloop.data_fingerprint"]}}
     # the MLflow run names the kfp.local run: a random number, and the name of the run's folder
-    origin = assert_lineage(settings, result, "kfp")
+    origin = assert_lineage(settings, registered, "kfp")
     assert set(origin) == {"run_id", "run_name"} and origin["run_id"].isdigit()
     assert origin["run_name"].startswith("driftloop-training-")
     assert (settings.state / "kfp" / origin["run_name"] / "train-component").is_dir()

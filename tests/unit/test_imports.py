@@ -61,3 +61,27 @@ def test_moves_against_a_tracking_server_import_no_heavy_library(tmp_path):
     assert result.returncode == 0, result.stderr
     heavy = {"mlflow", "pandas", "numpy", "sklearn", "xgboost", "feast", "evidently", "prefect", "pyarrow"}
     assert not set(result.stdout.split()) & heavy
+
+
+INSTRUMENTED = """
+import sys
+from driftloop import cli
+if sys.argv[1] == "cli":
+    try:
+        cli.main(["config"])  # a command: the entry point sets its process up, then the command's imports follow
+    except SystemExit:
+        pass
+import feast.feature_service
+print("typeguard" in feast.feature_service.FeatureService.__init__.__code__.co_names)
+"""
+
+
+@pytest.mark.parametrize(("entry", "instrumented"), [("cli", "False"), ("plain", "True")])
+def test_the_cli_imports_feast_without_its_type_check_instrumentation(tmp_path, entry, instrumented):
+    """typeguard recompiles every function Feast decorates when Feast is imported (about 4 CPU-s of each command
+    that touches Feast): the CLI's process skips it; any other process (these tests' own) keeps the checks."""
+    result = subprocess.run([sys.executable, "-c", INSTRUMENTED, entry], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "DRIFTLOOP_STATE_DIR": str(tmp_path / "state")},
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == instrumented
