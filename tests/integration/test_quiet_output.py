@@ -1,4 +1,5 @@
-"""Normal output is the summary: no executor JSON, no component logs, no deprecation warnings."""
+"""Normal output keeps no library's deprecation notices (the kfp engine's short summary, with no executor JSON
+or component logs, is checked on its one kfp.local run in test_pipelines)."""
 
 import pytest
 
